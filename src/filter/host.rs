@@ -1,0 +1,60 @@
+//! [`RequestView`] over the proxy-wasm host: each value is read only when a policy asks for it.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MapType;
+
+use crate::source::RequestView;
+
+/// Envoy's jwt_authn filter writes the verified payload into its dynamic metadata under the
+/// key named by `payload_in_metadata`; handoff expects that key to be this one.
+pub const JWT_PAYLOAD_KEY: &str = "jwt_payload";
+const JWT_AUTHN: &str = "envoy.filters.http.jwt_authn";
+
+pub struct HostRequest;
+
+impl RequestView for HostRequest {
+    fn header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten()
+    }
+
+    fn path(&self) -> Option<String> {
+        self.header(":path")
+    }
+
+    fn jwt_claim(&self, claim: &str) -> Option<String> {
+        let path = vec![
+            "metadata",
+            "filter_metadata",
+            JWT_AUTHN,
+            JWT_PAYLOAD_KEY,
+            claim,
+        ];
+        let bytes = hostcalls::get_property(path).ok().flatten()?;
+        String::from_utf8(bytes).ok()
+    }
+
+    fn peer_principal(&self) -> Option<String> {
+        let bytes = hostcalls::get_property(vec!["connection", "uri_san_peer_certificate"])
+            .ok()
+            .flatten()?;
+        String::from_utf8(bytes).ok()
+    }
+}
+
+/// 16 random bytes from the host (WASI `random_get`).
+pub fn random_bytes() -> [u8; 16] {
+    let mut buf = [0u8; 16];
+    if getrandom::getrandom(&mut buf).is_err() {
+        // Fall back to the clock: ids stay unique enough to spread users, and a missing
+        // random source must not fail the request.
+        let t = hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        buf = t.to_le_bytes();
+    }
+    buf
+}

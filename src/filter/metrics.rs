@@ -1,0 +1,53 @@
+//! Envoy stats through proxy-wasm metrics, all named `handoff_*`.
+//!
+//! Labels are encoded in the stat name as `.<label>.<value>` pairs (for example
+//! `handoff_canary_decisions.variant.canary.reason.hash`); the `stats_tags` in the shipped Envoy
+//! configs turn them into Prometheus labels.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+use crate::canary::{Reason, Variant};
+
+pub struct Metrics {
+    canary_decisions: Vec<u32>,
+    canary_override_rejected: u32,
+}
+
+fn counter(name: &str) -> u32 {
+    // Defining a metric only fails outside Envoy; 0 then makes increments no-ops.
+    hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0)
+}
+
+fn inc(id: u32) {
+    let _ = hostcalls::increment_metric(id, 1);
+}
+
+impl Metrics {
+    pub fn define() -> Metrics {
+        let mut canary_decisions = Vec::new();
+        for v in Variant::ALL {
+            for r in Reason::ALL {
+                canary_decisions.push(counter(&format!(
+                    "handoff_canary_decisions.variant.{}.reason.{}",
+                    v.as_str(),
+                    r.as_str()
+                )));
+            }
+        }
+        Metrics {
+            canary_decisions,
+            canary_override_rejected: counter("handoff_canary_override_rejected"),
+        }
+    }
+
+    pub fn canary_decision(&self, v: Variant, r: Reason) {
+        let vi = Variant::ALL.iter().position(|x| *x == v).unwrap_or(0);
+        let ri = Reason::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        inc(self.canary_decisions[vi * Reason::ALL.len() + ri]);
+    }
+
+    pub fn canary_override_rejected(&self) {
+        inc(self.canary_override_rejected);
+    }
+}

@@ -1,0 +1,20 @@
+//! handoff: zero-disruption rollouts as one proxy-wasm filter.
+//!
+//! The policy modules (`canary`, ...) are pure: plain data in, a decision out. Only `filter`
+//! talks to the proxy-wasm host.
+
+pub mod canary;
+pub mod config;
+pub mod problem;
+pub mod source;
+
+// The filter (host glue and entry point) exists only in the proxy-wasm build; the pure policy
+// also compiles for the host (tests, handoffctl) and for wasm32-unknown-unknown (the
+// wasm-bindgen golden tests).
+#[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
+mod filter;
+
+#[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
+proxy_wasm::main! {{
+    filter::start();
+}}

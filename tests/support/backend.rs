@@ -1,0 +1,101 @@
+//! The `payments` example as a test upstream process.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Backend {
+    /// Starts an instance of `version` ("v1"/"v2") named `name` on a free loopback port.
+    pub fn start(name: &str, version: &str) -> Backend {
+        let bin = super::examples_dir().join("payments");
+        let mut child = Command::new(&bin)
+            .args([
+                "--name",
+                name,
+                "--version",
+                version,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let addr = super::read_listening(&mut child, name);
+        Backend {
+            name: name.to_string(),
+            addr,
+            child,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn get_json(&self, path: &str) -> Value {
+        super::h1()
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("backend reachable")
+            .json()
+            .await
+            .expect("backend admin JSON")
+    }
+
+    async fn post(&self, path: &str) {
+        let r = super::h1()
+            .post(self.url(path))
+            .send()
+            .await
+            .expect("backend");
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+
+    /// Executions per idempotency key of non-GET requests.
+    pub async fn executions(&self) -> BTreeMap<String, u64> {
+        serde_json::from_value(self.get_json("/_admin/executions").await).unwrap_or_default()
+    }
+
+    /// Requests the app handled (control endpoints excluded).
+    pub async fn requests(&self) -> u64 {
+        self.get_json("/_admin/requests")
+            .await
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// The last request the app handled, as it saw it.
+    pub async fn last(&self) -> Value {
+        self.get_json("/_admin/last").await
+    }
+
+    pub async fn set_ready_status(&self, status: u16) {
+        self.post(&format!("/_admin/ready?status={status}")).await;
+    }
+
+    pub async fn set_drain_signal(&self, on: bool) {
+        self.post(&format!("/_admin/drain-signal?on={}", u8::from(on)))
+            .await;
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

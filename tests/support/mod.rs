@@ -1,0 +1,449 @@
+//! End-to-end harness: real Envoy processes (the `.venv` build, or `$ENVOY_BIN`) running the
+//! freshly built `handoff.wasm` with a fixture from `envoy/`, real upstream processes (the
+//! `payments` example), and HTTP/1.1 and HTTP/2 clients. Every process started here is stopped
+//! when its handle is dropped, pass or fail; Envoy's log is printed when a test fails.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub mod backend;
+pub use backend::Backend;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn envoy_bin() -> PathBuf {
+    std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/envoy"))
+}
+
+pub fn wasm_path() -> PathBuf {
+    let p = std::env::var_os("HANDOFF_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/wasm32-wasip1/release/handoff.wasm"));
+    assert!(
+        p.exists(),
+        "{} is missing: run `make build` first (make test does)",
+        p.display()
+    );
+    p
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Waits until `check` returns `Some`, polling; panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// HTTP/1.1 client (keep-alive).
+pub fn h1() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http1_only()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+/// HTTP/2 client with prior knowledge (h2c), as gRPC and service meshes speak it.
+pub fn h2() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+/// Both protocols, for tests that must hold on each.
+pub fn clients() -> [(&'static str, reqwest::Client); 2] {
+    [("HTTP/1.1", h1()), ("HTTP/2", h2())]
+}
+
+/// A change to the whole Envoy bootstrap (as JSON) before it starts.
+pub type BootstrapEdit = Box<dyn FnOnce(&mut Value)>;
+
+/// How to start an Envoy from a fixture.
+pub struct EnvoyOpts {
+    pub fixture: String,
+    /// Replaces the JSON plugin configuration of the handoff filter.
+    pub plugin_config: Option<Value>,
+    /// Fixture port -> real port, for upstreams the test started. Every other port in the
+    /// fixture (listeners, admin) is replaced by a free one.
+    pub ports: HashMap<u16, u16>,
+    pub concurrency: u32,
+    /// Edits the whole bootstrap after ports and plugin config are set.
+    pub edit: Option<BootstrapEdit>,
+}
+
+impl EnvoyOpts {
+    pub fn new(fixture: &str) -> EnvoyOpts {
+        EnvoyOpts {
+            fixture: fixture.to_string(),
+            plugin_config: None,
+            ports: HashMap::new(),
+            concurrency: 2,
+            edit: None,
+        }
+    }
+
+    pub fn plugin_config(mut self, v: Value) -> Self {
+        self.plugin_config = Some(v);
+        self
+    }
+
+    /// Points the fixture's upstream on `fixture_port` at a running backend.
+    pub fn upstream(mut self, fixture_port: u16, backend: &Backend) -> Self {
+        self.ports.insert(fixture_port, backend.addr.port());
+        self
+    }
+
+    pub fn port(mut self, fixture_port: u16, real: u16) -> Self {
+        self.ports.insert(fixture_port, real);
+        self
+    }
+
+    pub fn edit(mut self, f: impl FnOnce(&mut Value) + 'static) -> Self {
+        self.edit = Some(Box::new(f));
+        self
+    }
+}
+
+/// Reads a fixture (YAML) as JSON.
+pub fn load_fixture(name: &str) -> Value {
+    let path = root().join("envoy").join(format!("{name}.yaml"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The plugin configuration of the handoff filter in a fixture, parsed.
+pub fn fixture_plugin_config(name: &str) -> Value {
+    let mut found = None;
+    visit_wasm_configs(&mut load_fixture(name), &mut |cfg| {
+        let text = cfg
+            .pointer("/configuration/value")
+            .and_then(Value::as_str)
+            .unwrap_or("{}");
+        found = Some(serde_json::from_str(text).expect("fixture plugin config is JSON"));
+    });
+    found.expect("fixture has a handoff filter")
+}
+
+/// Calls `f` on every wasm filter `config` object that runs handoff.wasm.
+fn visit_wasm_configs(v: &mut Value, f: &mut dyn FnMut(&mut Value)) {
+    match v {
+        Value::Object(map) => {
+            let is_handoff = map
+                .get("vm_config")
+                .and_then(|vm| vm.pointer("/code/local/filename"))
+                .and_then(Value::as_str)
+                .is_some_and(|f| f.ends_with("handoff.wasm"));
+            if is_handoff {
+                f(v);
+                return;
+            }
+            for child in map.values_mut() {
+                visit_wasm_configs(child, f);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|c| visit_wasm_configs(c, f)),
+        _ => {}
+    }
+}
+
+fn remap_ports(v: &mut Value, ports: &mut HashMap<u16, u16>) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map.iter_mut() {
+                if k == "port_value" {
+                    if let Some(p) = child.as_u64() {
+                        let real = *ports.entry(p as u16).or_insert_with(free_port);
+                        *child = Value::from(real);
+                    }
+                } else {
+                    remap_ports(child, ports);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|c| remap_ports(c, ports)),
+        _ => {}
+    }
+}
+
+pub struct Envoy {
+    child: Option<Child>,
+    pub admin: SocketAddr,
+    /// Fixture port -> real port.
+    pub ports: HashMap<u16, u16>,
+    pub log_path: PathBuf,
+    pub config_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy and waits until its admin endpoint reports LIVE.
+    pub async fn start(opts: EnvoyOpts) -> Envoy {
+        let mut envoy = Envoy::spawn(opts);
+        let admin = envoy.admin;
+        let client = h1();
+        let mut child = envoy.child.take().expect("child");
+        let log_path = envoy.log_path.clone();
+        let ready = wait_for_ready(&client, admin, &mut child, Duration::from_secs(60)).await;
+        envoy.child = Some(child);
+        if let Err(why) = ready {
+            panic!(
+                "Envoy did not become ready: {why}\n--- envoy log ---\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        envoy
+    }
+
+    /// Starts Envoy expecting it to refuse the configuration; returns its log once it exited.
+    pub async fn start_expecting_failure(opts: EnvoyOpts) -> String {
+        let mut envoy = Envoy::spawn(opts);
+        let mut child = envoy.child.take().expect("child");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(!status.success(), "Envoy exited successfully");
+                return envoy.log();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("Envoy kept running with a bad config:\n{}", envoy.log());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn spawn(mut opts: EnvoyOpts) -> Envoy {
+        let mut cfg = load_fixture(&opts.fixture);
+        let wasm = wasm_path();
+        let plugin = opts.plugin_config.take();
+        visit_wasm_configs(&mut cfg, &mut |c| {
+            c["vm_config"]["code"]["local"]["filename"] = Value::from(wasm.display().to_string());
+            if let Some(p) = &plugin {
+                c["configuration"]["value"] = Value::from(p.to_string());
+            }
+        });
+        let mut ports = opts.ports.clone();
+        remap_ports(&mut cfg, &mut ports);
+        if let Some(edit) = opts.edit.take() {
+            edit(&mut cfg);
+        }
+        let admin_port = cfg
+            .pointer("/admin/address/socket_address/port_value")
+            .and_then(Value::as_u64)
+            .expect("fixture has an admin port") as u16;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("envoy.json");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        let log_path = dir.path().join("envoy.log");
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--concurrency", &opts.concurrency.to_string()])
+            .args(["--disable-hot-restart", "-l", "info"])
+            .arg("--log-path")
+            .arg(&log_path)
+            .current_dir(root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e} (run `make setup`)",
+                    envoy_bin().display()
+                )
+            });
+        Envoy {
+            child: Some(child),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            ports,
+            log_path,
+            config_path,
+            _dir: dir,
+        }
+    }
+
+    /// The real port of a fixture port (10000 is the main listener in every fixture).
+    pub fn port(&self, fixture_port: u16) -> u16 {
+        self.ports[&fixture_port]
+    }
+
+    /// `http://127.0.0.1:<main listener><path>`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port(10000))
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// `/stats/prometheus`, parsed into `name{labels}` -> value.
+    pub async fn stats(&self) -> Stats {
+        let text = h1()
+            .get(self.admin_url("/stats/prometheus"))
+            .send()
+            .await
+            .expect("admin reachable")
+            .text()
+            .await
+            .expect("stats body");
+        Stats::parse(&text)
+    }
+
+    /// Stops Envoy now (the handle's drop does the same).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- envoy log ({}) ---\n{}\n--- end of envoy log ---",
+                self.log_path.display(),
+                tail(&self.log(), 200)
+            );
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+async fn wait_for_ready(
+    client: &reqwest::Client,
+    admin: SocketAddr,
+    child: &mut Child,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("Envoy exited with {status}"));
+        }
+        if let Ok(r) = client.get(format!("http://{admin}/ready")).send().await {
+            if r.status() == 200 {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err("not LIVE in time".to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Prometheus text, as `name{label="v",...}` -> value, labels sorted.
+#[derive(Debug, Default)]
+pub struct Stats(pub HashMap<String, f64>);
+
+impl Stats {
+    pub fn parse(text: &str) -> Stats {
+        let mut out = HashMap::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let mut labels: Vec<&str> = labels.split(',').filter(|s| !s.is_empty()).collect();
+            labels.sort();
+            let key = format!("{name}{{{}}}", labels.join(","));
+            out.insert(key, value.parse().unwrap_or(f64::NAN));
+        }
+        Stats(out)
+    }
+
+    /// The value of `name` with exactly these labels (`&[("variant", "canary")]`), 0 if absent.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        l.sort();
+        self.0
+            .get(&format!("{name}{{{}}}", l.join(",")))
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    /// Sum of `name` over all label sets.
+    pub fn sum(&self, name: &str) -> f64 {
+        let prefix = format!("{name}{{");
+        self.0
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+/// Reads `LISTENING <addr>` from a child's stdout.
+pub fn read_listening(child: &mut Child, what: &str) -> SocketAddr {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    line.trim()
+        .strip_prefix("LISTENING ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{what} did not start: {line:?}"))
+}
+
+/// The directory of cargo-built example binaries, next to the test executable.
+pub fn examples_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join("examples")
+}
