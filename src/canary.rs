@@ -90,6 +90,7 @@ pub fn threshold(percent: f64) -> u32 {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawCanary {
     pub salt: String,
@@ -114,6 +115,7 @@ fn default_route_header() -> String {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawAnonymousCookie {
     pub name: String,
@@ -126,6 +128,7 @@ fn default_max_age() -> u64 {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawOverride {
     pub header: String,

@@ -9,6 +9,7 @@ use crate::canary::{Canary, RawCanary};
 
 /// The configuration as written. Each absent section switches its capability off.
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub canary: Option<RawCanary>,

@@ -11,6 +11,7 @@ pub const MAX_VALUE_LEN: usize = 256;
 /// One place to read a value from. JSON form: `{"header": "x-user-id"}`, `{"cookie": "uid"}`,
 /// `{"query": "uid"}`, `{"jwt_claim": "sub"}`, `{"peer_principal": true}`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Source {
     Header(String),
