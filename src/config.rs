@@ -6,6 +6,7 @@ use serde::Deserialize;
 use std::fmt;
 
 use crate::canary::{Canary, RawCanary};
+use crate::translate::{Backend, RawTranslate, Translate};
 
 /// The configuration as written. Each absent section switches its capability off.
 #[derive(Debug, Default, Deserialize)]
@@ -13,12 +14,14 @@ use crate::canary::{Canary, RawCanary};
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub canary: Option<RawCanary>,
+    pub translate: Option<RawTranslate>,
 }
 
 /// The validated configuration the filter runs with.
 #[derive(Debug, Default)]
 pub struct Config {
     pub canary: Option<Canary>,
+    pub translate: Option<Translate>,
 }
 
 /// A rejected configuration: the JSON path (`canary.user_id[0]`) and what was expected.
@@ -86,6 +89,9 @@ impl Config {
         if let Some(c) = &self.canary {
             on.push(format!("canary {}%", c.percent));
         }
+        if let Some(t) = &self.translate {
+            on.push(format!("translate {} route(s)", t.routes.len()));
+        }
         if on.is_empty() {
             "no capability configured (pass-through)".to_string()
         } else {
@@ -95,7 +101,7 @@ impl Config {
 
     /// True when no capability is switched on: the filter passes everything through.
     pub fn is_empty(&self) -> bool {
-        self.canary.is_none()
+        self.canary.is_none() && self.translate.is_none()
     }
 }
 
@@ -107,7 +113,25 @@ impl TryFrom<RawConfig> for Config {
             .canary
             .map(|c| c.validate().map_err(|e| e.within("canary")))
             .transpose()?;
-        Ok(Config { canary })
+        let translate = raw
+            .translate
+            .map(|t| t.validate().map_err(|e| e.within("translate")))
+            .transpose()?;
+        // Following the cohort needs the section that decides it.
+        if let (Some(t), None) = (&translate, &canary) {
+            if let Some(i) = t
+                .routes
+                .iter()
+                .position(|r| matches!(r.backend, Backend::Cohort { .. }))
+            {
+                return Err(ConfigError::new(
+                    format!("translate.routes[{i}].backend"),
+                    "a backend that follows the canary cohort ({\"stable\": .., \"canary\": ..}) \
+                     needs the `canary` section",
+                ));
+            }
+        }
+        Ok(Config { canary, translate })
     }
 }
 

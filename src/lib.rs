@@ -7,6 +7,7 @@ pub mod canary;
 pub mod config;
 pub mod problem;
 pub mod source;
+pub mod translate;
 
 // The filter (host glue and entry point) exists only in the proxy-wasm build; the pure policy
 // also compiles for the host (tests, handoffctl) and for wasm32-unknown-unknown (the

@@ -1,0 +1,983 @@
+//! API version translation: one declarative mapping between v1 and v2 JSON payloads that
+//! serves both directions. v1 clients in front of a v2 backend have their requests rewritten
+//! v1 → v2 and the responses v2 → v1; v2 clients in front of a v1 backend get the mirror image
+//! from the same entries.
+//!
+//! Pure: paths, header values and body bytes in, a plan or rewritten bytes out. The host glue
+//! is `filter::translate`.
+
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
+use std::fmt;
+
+use crate::canary::Variant;
+use crate::config::ConfigError;
+use crate::problem::Reply;
+
+/// The request header that tells the backend a request was translated (`v1-v2`: a v1 client
+/// on a v2 backend, `v2-v1`: the mirror case). Any client-sent value is removed.
+pub const TRANSLATED_HEADER: &str = "x-handoff-translated";
+
+/// Envoy's default per-connection buffer limit: larger bodies need that limit raised too.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1_048_576;
+
+/// Numeric pointer segments above this are rejected: writing one pads an array up to it.
+const MAX_INDEX: usize = 1023;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ApiVersion {
+    V1,
+    V2,
+}
+
+impl ApiVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiVersion::V1 => "v1",
+            ApiVersion::V2 => "v2",
+        }
+    }
+
+    pub fn other(self) -> ApiVersion {
+        match self {
+            ApiVersion::V1 => ApiVersion::V2,
+            ApiVersion::V2 => ApiVersion::V1,
+        }
+    }
+}
+
+/// `v1-v2` or `v2-v1`: from one version to the other (a metric label and the header value).
+pub fn direction(from: ApiVersion) -> &'static str {
+    match from {
+        ApiVersion::V1 => "v1-v2",
+        ApiVersion::V2 => "v2-v1",
+    }
+}
+
+/// Which message of the exchange a translation or failure concerns (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    Request,
+    Response,
+}
+
+impl Message {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Message::Request => "request",
+            Message::Response => "response",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration as written
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawTranslate {
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    pub v1_prefix: String,
+    pub v2_prefix: String,
+    pub backend: RawBackend,
+    #[serde(default)]
+    pub request: Vec<RawEntry>,
+    #[serde(default)]
+    pub response: Vec<RawEntry>,
+    #[serde(default)]
+    pub unmapped: Unmapped,
+    #[serde(default)]
+    pub translate_errors: bool,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+}
+
+fn default_max_body_bytes() -> u64 {
+    DEFAULT_MAX_BODY_BYTES
+}
+
+/// The version the upstream speaks: fixed, or following the canary cohort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(untagged)]
+pub enum RawBackend {
+    Fixed(ApiVersion),
+    Cohort(RawCohortBackend),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawCohortBackend {
+    pub stable: ApiVersion,
+    pub canary: ApiVersion,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Unmapped {
+    /// Fields no entry names are left out.
+    #[default]
+    Drop,
+    /// Fields no entry names are copied unchanged.
+    Keep,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawEntry {
+    pub v1: Option<String>,
+    pub v2: Option<String>,
+    /// `Some(Value::Null)` is `"default": null`, a real default; `None` is no default at all.
+    #[serde(default, deserialize_with = "present")]
+    #[cfg_attr(
+        not(target_arch = "wasm32"),
+        schemars(with = "Option<serde_json::Value>")
+    )]
+    pub default: Option<Value>,
+    #[serde(default)]
+    pub required: bool,
+}
+
+/// Any value that is present, `null` included, becomes `Some`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated configuration
+
+/// The validated `translate` section.
+#[derive(Debug, Clone)]
+pub struct Translate {
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub v1_prefix: String,
+    pub v2_prefix: String,
+    pub backend: Backend,
+    pub request: Vec<Entry>,
+    pub response: Vec<Entry>,
+    pub unmapped: Unmapped,
+    pub translate_errors: bool,
+    pub max_body_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Fixed(ApiVersion),
+    Cohort {
+        stable: ApiVersion,
+        canary: ApiVersion,
+    },
+}
+
+impl Backend {
+    /// The version the upstream of this request speaks. Without a cohort, a backend that
+    /// follows the canary is the stable one.
+    pub fn version(self, variant: Option<Variant>) -> ApiVersion {
+        match self {
+            Backend::Fixed(v) => v,
+            Backend::Cohort { stable, canary } => match variant {
+                Some(Variant::Canary) => canary,
+                _ => stable,
+            },
+        }
+    }
+}
+
+/// One mapping entry: a v1 pointer, a v2 pointer (at least one of them), a default and
+/// whether the source is required. Read v1 → v2 or v2 → v1.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub v1: Option<Pointer>,
+    pub v2: Option<Pointer>,
+    pub default: Option<Value>,
+    pub required: bool,
+}
+
+impl Entry {
+    pub fn side(&self, v: ApiVersion) -> Option<&Pointer> {
+        match v {
+            ApiVersion::V1 => self.v1.as_ref(),
+            ApiVersion::V2 => self.v2.as_ref(),
+        }
+    }
+}
+
+/// A JSON Pointer (RFC 6901) extended with `*`, every element of an array.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pointer {
+    pub text: String,
+    pub segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// An object member.
+    Key(String),
+    /// One array element (or the member with this name, when the value is an object).
+    Index(usize),
+    /// Every element of an array.
+    Each,
+}
+
+impl Pointer {
+    pub fn parse(text: &str) -> Result<Pointer, String> {
+        let Some(rest) = text.strip_prefix('/') else {
+            return Err(format!(
+                "expected a JSON Pointer starting with '/', such as \"/amount/value\", got {text:?}"
+            ));
+        };
+        let mut segments = Vec::new();
+        for raw in rest.split('/') {
+            segments.push(parse_segment(raw).map_err(|m| format!("{m} in {text:?}"))?);
+        }
+        Ok(Pointer {
+            text: text.to_string(),
+            segments,
+        })
+    }
+
+    pub fn wildcards(&self) -> usize {
+        self.segments
+            .iter()
+            .filter(|s| **s == Segment::Each)
+            .count()
+    }
+
+    /// True when writing through one pointer writes into (or over) what the other writes:
+    /// equal, or one is a prefix of the other. `*` overlaps any index.
+    fn overlaps(&self, other: &Pointer) -> bool {
+        self.segments
+            .iter()
+            .zip(&other.segments)
+            .all(|(a, b)| match (a, b) {
+                (Segment::Each, Segment::Each | Segment::Index(_)) => true,
+                (Segment::Index(_), Segment::Each) => true,
+                _ => a == b,
+            })
+    }
+}
+
+impl fmt::Display for Pointer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+fn parse_segment(raw: &str) -> Result<Segment, String> {
+    if raw == "*" {
+        return Ok(Segment::Each);
+    }
+    let is_index = !raw.is_empty()
+        && raw.bytes().all(|b| b.is_ascii_digit())
+        && (raw == "0" || !raw.starts_with('0'));
+    if is_index {
+        return match raw.parse::<usize>() {
+            Ok(n) if n <= MAX_INDEX => Ok(Segment::Index(n)),
+            _ => Err(format!("array index {raw} is above {MAX_INDEX}")),
+        };
+    }
+    let mut key = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' {
+            match chars.next() {
+                Some('0') => key.push('~'),
+                Some('1') => key.push('/'),
+                _ => return Err("'~' must be followed by 0 or 1".to_string()),
+            }
+        } else {
+            key.push(c);
+        }
+    }
+    Ok(Segment::Key(key))
+}
+
+impl RawTranslate {
+    pub fn validate(self) -> Result<Translate, ConfigError> {
+        if self.routes.is_empty() {
+            return Err(ConfigError::new("routes", "expected at least one route"));
+        }
+        let mut routes: Vec<Route> = Vec::new();
+        for (i, raw) in self.routes.into_iter().enumerate() {
+            let within = format!("routes[{i}]");
+            let route = raw.validate().map_err(|e| e.within(&within))?;
+            for prev in &routes {
+                if prev.name == route.name {
+                    return Err(ConfigError::new(
+                        "name",
+                        format!("route name {:?} is used twice", route.name),
+                    )
+                    .within(&within));
+                }
+                for (field, p) in [
+                    ("v1_prefix", &route.v1_prefix),
+                    ("v2_prefix", &route.v2_prefix),
+                ] {
+                    if *p == prev.v1_prefix || *p == prev.v2_prefix {
+                        return Err(ConfigError::new(
+                            field,
+                            format!("prefix {p:?} is already used by route {:?}", prev.name),
+                        )
+                        .within(&within));
+                    }
+                }
+            }
+            routes.push(route);
+        }
+        Ok(Translate { routes })
+    }
+}
+
+fn check_prefix(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') || p.len() < 2 || p.ends_with('/') {
+        return Err(format!(
+            "expected a path prefix such as \"/api/v1/payments\" (starting with '/', not \
+             ending with '/'), got {p:?}"
+        ));
+    }
+    if p.contains(['?', '#']) || p.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(format!("expected a plain path prefix, got {p:?}"));
+    }
+    Ok(())
+}
+
+impl RawRoute {
+    fn validate(self) -> Result<Route, ConfigError> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !name_ok {
+            return Err(ConfigError::new(
+                "name",
+                format!(
+                    "expected 1 to 64 letters, digits, '_' or '-' (it is a metric label), got {:?}",
+                    self.name
+                ),
+            ));
+        }
+        check_prefix(&self.v1_prefix).map_err(|m| ConfigError::new("v1_prefix", m))?;
+        check_prefix(&self.v2_prefix).map_err(|m| ConfigError::new("v2_prefix", m))?;
+        if self.v1_prefix == self.v2_prefix {
+            return Err(ConfigError::new(
+                "v2_prefix",
+                "expected a prefix different from v1_prefix",
+            ));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError::new(
+                "max_body_bytes",
+                "expected a positive number of bytes",
+            ));
+        }
+        let request = validate_entries(self.request).map_err(|e| e.within("request"))?;
+        let response = validate_entries(self.response).map_err(|e| e.within("response"))?;
+        Ok(Route {
+            name: self.name,
+            v1_prefix: self.v1_prefix,
+            v2_prefix: self.v2_prefix,
+            backend: match self.backend {
+                RawBackend::Fixed(v) => Backend::Fixed(v),
+                RawBackend::Cohort(c) => Backend::Cohort {
+                    stable: c.stable,
+                    canary: c.canary,
+                },
+            },
+            request,
+            response,
+            unmapped: self.unmapped,
+            translate_errors: self.translate_errors,
+            max_body_bytes: self.max_body_bytes,
+        })
+    }
+}
+
+fn validate_entries(raw: Vec<RawEntry>) -> Result<Vec<Entry>, ConfigError> {
+    let mut entries: Vec<Entry> = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let at = |field: &str| {
+            if field.is_empty() {
+                format!("[{i}]")
+            } else {
+                format!("[{i}].{field}")
+            }
+        };
+        let parse = |p: &Option<String>, field: &str| {
+            p.as_deref()
+                .map(Pointer::parse)
+                .transpose()
+                .map_err(|m| ConfigError::new(at(field), m))
+        };
+        let v1 = parse(&r.v1, "v1")?;
+        let v2 = parse(&r.v2, "v2")?;
+        match (&v1, &v2) {
+            (None, None) => {
+                return Err(ConfigError::new(
+                    at(""),
+                    "expected `v1`, `v2` or both (JSON Pointers)",
+                ))
+            }
+            (Some(a), Some(b)) if a.wildcards() != b.wildcards() => {
+                return Err(ConfigError::new(
+                    at("v2"),
+                    format!(
+                        "expected as many `*` as in v1 {:?} ({}), got {} in {:?}",
+                        a.text,
+                        a.wildcards(),
+                        b.wildcards(),
+                        b.text
+                    ),
+                ))
+            }
+            (Some(one), None) | (None, Some(one)) => {
+                let (has, missing) = if v1.is_some() {
+                    ("v1", "v2")
+                } else {
+                    ("v2", "v1")
+                };
+                if r.default.is_none() {
+                    return Err(ConfigError::new(
+                        at("default"),
+                        format!(
+                            "an entry with only `{has}` needs a `default` (the value written \
+                             when translating from {missing}), or a `{missing}` pointer"
+                        ),
+                    ));
+                }
+                if r.required {
+                    return Err(ConfigError::new(
+                        at("required"),
+                        format!("`required` needs both pointers (there is no `{missing}` source)"),
+                    ));
+                }
+                if one.wildcards() > 0 {
+                    return Err(ConfigError::new(
+                        at(has),
+                        "an entry with one pointer cannot use `*` (there are no elements to \
+                         follow)",
+                    ));
+                }
+            }
+            _ => {}
+        }
+        let entry = Entry {
+            v1,
+            v2,
+            default: r.default,
+            required: r.required,
+        };
+        // Each side is the target of one direction: no two entries may write the same place.
+        for (j, prev) in entries.iter().enumerate() {
+            for v in [ApiVersion::V1, ApiVersion::V2] {
+                if let (Some(a), Some(b)) = (prev.side(v), entry.side(v)) {
+                    if a.overlaps(b) {
+                        return Err(ConfigError::new(
+                            at(v.as_str()),
+                            format!(
+                                "{:?} writes the same place as [{j}].{} {:?}",
+                                b.text,
+                                v.as_str(),
+                                a.text
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        entries.push(entry);
+    }
+    Ok(entries)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decisions
+
+/// Why a message could not be translated. Each is a client-facing problem and a metric label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TranslateError {
+    /// The body needs translating but is not `application/json` or `application/*+json`.
+    UnsupportedMediaType { content_type: Option<String> },
+    /// The body is not JSON; `line` and `column` are 1-based, where parsing stopped.
+    InvalidJson {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A `required` entry's source is absent; `pointer` names it in the sender's version.
+    MissingRequired { pointer: String },
+    /// The body is larger than the route's `max_body_bytes`.
+    TooLarge { limit: u64 },
+}
+
+impl TranslateError {
+    /// The metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TranslateError::UnsupportedMediaType { .. } => "unsupported_media_type",
+            TranslateError::InvalidJson { .. } => "invalid_json",
+            TranslateError::MissingRequired { .. } => "missing_required",
+            TranslateError::TooLarge { .. } => "too_large",
+        }
+    }
+
+    pub fn detail(&self) -> String {
+        match self {
+            TranslateError::UnsupportedMediaType { content_type } => format!(
+                "this request is translated between API versions, which needs an \
+                 application/json body; got content-type {}",
+                content_type.as_deref().unwrap_or("(none)")
+            ),
+            TranslateError::InvalidJson {
+                line,
+                column,
+                message,
+            } => format!("the body is not valid JSON at line {line}, column {column}: {message}"),
+            TranslateError::MissingRequired { pointer } => {
+                format!("the required field {pointer} is missing")
+            }
+            TranslateError::TooLarge { limit } => {
+                format!("the body is larger than the {limit} bytes translation allows")
+            }
+        }
+    }
+
+    /// The answer to the client. A request the client sent wrong gets 415/400/422/413; a
+    /// response the backend sent that cannot be translated is the gateway's failure: 502.
+    pub fn reply(&self, message: Message) -> Reply {
+        let (status, anchor, title) = match (message, self) {
+            (Message::Response, _) => (
+                502,
+                "translate-response-failed",
+                "Response could not be translated",
+            ),
+            (_, TranslateError::UnsupportedMediaType { .. }) => (
+                415,
+                "translate-unsupported-media-type",
+                "Unsupported media type",
+            ),
+            (_, TranslateError::InvalidJson { .. }) => {
+                (400, "translate-invalid-json", "Invalid JSON body")
+            }
+            (_, TranslateError::MissingRequired { .. }) => {
+                (422, "translate-missing-required", "Missing required field")
+            }
+            (_, TranslateError::TooLarge { .. }) => {
+                (413, "translate-too-large", "Body too large to translate")
+            }
+        };
+        let detail = match message {
+            Message::Request => self.detail(),
+            Message::Response => format!("the backend's response: {}", self.detail()),
+        };
+        Reply::problem(status, anchor, title, &detail)
+    }
+}
+
+/// `application/json` or `application/<anything>+json`, parameters ignored.
+pub fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// What to do with one request: which route, who speaks which version, the upstream path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Index into `Translate::routes`.
+    pub route: usize,
+    /// The version the client speaks (its path prefix).
+    pub client: ApiVersion,
+    /// The version the upstream speaks.
+    pub backend: ApiVersion,
+    /// `:path` for the upstream: the prefix replaced, the rest and the query kept.
+    pub path: String,
+    /// The request has a body that must be rewritten.
+    pub translate_body: bool,
+}
+
+impl Plan {
+    /// `v1-v2` (a v1 client on a v2 backend) or `v2-v1`: the `x-handoff-translated` value.
+    pub fn header_value(&self) -> &'static str {
+        direction(self.client)
+    }
+}
+
+/// `rest` when `path` is `prefix` followed by nothing, `/...` or `?...`.
+fn strip_path_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    let rest = path.strip_prefix(prefix)?;
+    (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')).then_some(rest)
+}
+
+impl Translate {
+    /// Decides a request from its head. `Ok(None)`: pass it through untouched (no route, or
+    /// the client already speaks the backend's version). `has_body`: more than the headers
+    /// will arrive. `variant`: the canary cohort, when the canary section ran.
+    pub fn plan(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        has_body: bool,
+        variant: Option<Variant>,
+    ) -> Result<Option<Plan>, TranslateError> {
+        for (i, route) in self.routes.iter().enumerate() {
+            let (client, rest) = if let Some(rest) = strip_path_prefix(path, &route.v1_prefix) {
+                (ApiVersion::V1, rest)
+            } else if let Some(rest) = strip_path_prefix(path, &route.v2_prefix) {
+                (ApiVersion::V2, rest)
+            } else {
+                continue;
+            };
+            let backend = route.backend.version(variant);
+            if client == backend {
+                return Ok(None);
+            }
+            if has_body && !content_type.is_some_and(is_json) {
+                return Err(TranslateError::UnsupportedMediaType {
+                    content_type: content_type.map(str::to_string),
+                });
+            }
+            let prefix = match backend {
+                ApiVersion::V1 => &route.v1_prefix,
+                ApiVersion::V2 => &route.v2_prefix,
+            };
+            return Ok(Some(Plan {
+                route: i,
+                client,
+                backend,
+                path: format!("{prefix}{rest}"),
+                translate_body: has_body,
+            }));
+        }
+        Ok(None)
+    }
+
+    pub fn route(&self, plan: &Plan) -> Option<&Route> {
+        self.routes.get(plan.route)
+    }
+}
+
+impl Route {
+    /// Rewrites a request body sent by a `from` client into the other version.
+    pub fn translate_request(
+        &self,
+        from: ApiVersion,
+        body: &[u8],
+    ) -> Result<Vec<u8>, TranslateError> {
+        self.translate_bytes(&self.request, from, body)
+    }
+
+    /// Rewrites a response body from the backend into the `to` client's version.
+    pub fn translate_response(
+        &self,
+        to: ApiVersion,
+        body: &[u8],
+    ) -> Result<Vec<u8>, TranslateError> {
+        self.translate_bytes(&self.response, to.other(), body)
+    }
+
+    /// The same as `translate_request`, on a parsed document.
+    pub fn translate_request_value(
+        &self,
+        from: ApiVersion,
+        doc: &Value,
+    ) -> Result<Value, TranslateError> {
+        translate_value(&self.request, from, doc, self.unmapped)
+    }
+
+    /// The same as `translate_response`, on a parsed document.
+    pub fn translate_response_value(
+        &self,
+        to: ApiVersion,
+        doc: &Value,
+    ) -> Result<Value, TranslateError> {
+        translate_value(&self.response, to.other(), doc, self.unmapped)
+    }
+
+    /// A body of `len` bytes so far is still within `max_body_bytes`.
+    pub fn check_size(&self, len: usize) -> Result<(), TranslateError> {
+        if len as u64 > self.max_body_bytes {
+            Err(TranslateError::TooLarge {
+                limit: self.max_body_bytes,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether a backend response with this status and content type is rewritten: 2xx (any
+    /// status with `translate_errors`) with a JSON body. Anything else passes unchanged.
+    pub fn translates_response(&self, status: u16, content_type: Option<&str>) -> bool {
+        ((200..300).contains(&status) || self.translate_errors) && content_type.is_some_and(is_json)
+    }
+
+    fn translate_bytes(
+        &self,
+        entries: &[Entry],
+        from: ApiVersion,
+        body: &[u8],
+    ) -> Result<Vec<u8>, TranslateError> {
+        self.check_size(body.len())?;
+        let doc: Value = serde_json::from_slice(body).map_err(|e| TranslateError::InvalidJson {
+            line: e.line(),
+            column: e.column(),
+            message: strip_position(&e.to_string()),
+        })?;
+        let out = translate_value(entries, from, &doc, self.unmapped)?;
+        // Serializing a Value cannot fail.
+        Ok(serde_json::to_vec(&out).unwrap_or_default())
+    }
+}
+
+/// serde_json appends " at line L column C"; the problem detail says it once, its own way.
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// One place a source pointer leads to in a document.
+enum Found<'a> {
+    /// A value, with the array index bound to each `*`.
+    Value(Vec<usize>, &'a Value),
+    /// Nothing there; the indices bound before the path broke off.
+    Absent(Vec<usize>),
+    /// A `*` met an empty array after binding these indices.
+    EmptyArray(Vec<usize>),
+}
+
+fn find<'a>(
+    v: Option<&'a Value>,
+    segs: &[Segment],
+    idx: &mut Vec<usize>,
+    out: &mut Vec<Found<'a>>,
+) {
+    let Some((seg, rest)) = segs.split_first() else {
+        out.push(match v {
+            Some(v) => Found::Value(idx.clone(), v),
+            None => Found::Absent(idx.clone()),
+        });
+        return;
+    };
+    match (seg, v) {
+        (Segment::Each, Some(Value::Array(items))) => {
+            if items.is_empty() {
+                out.push(Found::EmptyArray(idx.clone()));
+            }
+            for (i, item) in items.iter().enumerate() {
+                idx.push(i);
+                find(Some(item), rest, idx, out);
+                idx.pop();
+            }
+        }
+        (Segment::Each, _) => out.push(Found::Absent(idx.clone())),
+        (Segment::Key(k), v) => find(v.and_then(|v| v.as_object()?.get(k)), rest, idx, out),
+        (Segment::Index(n), v) => {
+            let child = match v {
+                Some(Value::Array(items)) => items.get(*n),
+                Some(Value::Object(m)) => m.get(&n.to_string()),
+                _ => None,
+            };
+            find(child, rest, idx, out)
+        }
+    }
+}
+
+fn object(v: &mut Value) -> &mut Map<String, Value> {
+    if !v.is_object() {
+        *v = Value::Object(Map::new());
+    }
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("just made an object"),
+    }
+}
+
+fn element(v: &mut Value, i: usize) -> &mut Value {
+    if !v.is_array() {
+        *v = Value::Array(Vec::new());
+    }
+    match v {
+        Value::Array(items) => {
+            if items.len() <= i {
+                items.resize(i + 1, Value::Null);
+            }
+            &mut items[i]
+        }
+        _ => unreachable!("just made an array"),
+    }
+}
+
+/// The place `segs` leads to in `doc`, creating objects and arrays on the way, with `idx`
+/// bound to the `*`s. Stops before segment `stop`.
+fn place<'a>(doc: &'a mut Value, segs: &[Segment], idx: &[usize], stop: usize) -> &'a mut Value {
+    let mut cur = doc;
+    let mut bound = idx.iter();
+    for seg in &segs[..stop] {
+        cur = match seg {
+            Segment::Key(k) => object(cur).entry(k.clone()).or_insert(Value::Null),
+            Segment::Index(n) if cur.is_object() => {
+                object(cur).entry(n.to_string()).or_insert(Value::Null)
+            }
+            Segment::Index(n) => element(cur, *n),
+            Segment::Each => element(cur, bound.next().copied().unwrap_or(0)),
+        };
+    }
+    cur
+}
+
+/// Removes what `segs` names from `v`; true when that left `v` empty (so the parent drops it
+/// too, rather than keeping a hollow `{}` of fields that were all mapped elsewhere).
+fn remove(v: &mut Value, segs: &[Segment]) -> bool {
+    let Some((seg, rest)) = segs.split_first() else {
+        return false;
+    };
+    let removed = match (seg, &mut *v) {
+        (Segment::Each, Value::Array(items)) if rest.is_empty() => {
+            let any = !items.is_empty();
+            items.clear();
+            any
+        }
+        (Segment::Each, Value::Array(items)) => {
+            let mut emptied = 0;
+            for item in items.iter_mut() {
+                if remove(item, rest) {
+                    emptied += 1;
+                }
+            }
+            if emptied > 0 && emptied == items.len() {
+                items.clear();
+                true
+            } else {
+                false
+            }
+        }
+        (Segment::Key(_) | Segment::Index(_), Value::Object(m)) => {
+            let key = match seg {
+                Segment::Key(k) => k.clone(),
+                Segment::Index(n) => n.to_string(),
+                Segment::Each => unreachable!("matched above"),
+            };
+            if rest.is_empty() {
+                m.remove(&key).is_some()
+            } else if m.get_mut(&key).is_some_and(|child| remove(child, rest)) {
+                m.remove(&key);
+                true
+            } else {
+                false
+            }
+        }
+        (Segment::Index(n), Value::Array(items)) if *n < items.len() => {
+            if rest.is_empty() {
+                items.remove(*n);
+                true
+            } else {
+                remove(&mut items[*n], rest) && {
+                    items.remove(*n);
+                    true
+                }
+            }
+        }
+        _ => false,
+    };
+    removed
+        && v.as_object()
+            .map_or_else(|| v.as_array().is_some_and(Vec::is_empty), Map::is_empty)
+}
+
+/// Translates a document written in `from` into the other version with `entries`.
+pub fn translate_value(
+    entries: &[Entry],
+    from: ApiVersion,
+    doc: &Value,
+    unmapped: Unmapped,
+) -> Result<Value, TranslateError> {
+    let to = from.other();
+    let mut out = match unmapped {
+        Unmapped::Drop => Value::Null,
+        Unmapped::Keep => {
+            let mut rest = doc.clone();
+            for p in entries.iter().filter_map(|e| e.side(from)) {
+                remove(&mut rest, &p.segments);
+            }
+            rest
+        }
+    };
+    for e in entries {
+        let Some(dst) = e.side(to) else {
+            continue;
+        };
+        let Some(src) = e.side(from) else {
+            if let Some(d) = &e.default {
+                *place(&mut out, &dst.segments, &[], dst.segments.len()) = d.clone();
+            }
+            continue;
+        };
+        let mut found = Vec::new();
+        find(Some(doc), &src.segments, &mut Vec::new(), &mut found);
+        for f in found {
+            match f {
+                Found::Value(idx, v) => {
+                    *place(&mut out, &dst.segments, &idx, dst.segments.len()) = v.clone();
+                }
+                Found::Absent(idx) => {
+                    if e.required {
+                        return Err(TranslateError::MissingRequired {
+                            pointer: src.text.clone(),
+                        });
+                    }
+                    // A default needs every `*` bound to know where it goes.
+                    if let (Some(d), true) = (&e.default, idx.len() == src.wildcards()) {
+                        *place(&mut out, &dst.segments, &idx, dst.segments.len()) = d.clone();
+                    }
+                }
+                Found::EmptyArray(idx) => {
+                    // Keep `[]` as `[]`: the target's array at the same `*` exists, empty.
+                    let stop = dst
+                        .segments
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| **s == Segment::Each)
+                        .nth(idx.len())
+                        .map_or(dst.segments.len(), |(i, _)| i);
+                    let slot = place(&mut out, &dst.segments, &idx, stop);
+                    if slot.is_null() {
+                        *slot = Value::Array(Vec::new());
+                    }
+                }
+            }
+        }
+    }
+    if out.is_null() && !doc.is_null() {
+        out = Value::Object(Map::new());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
