@@ -107,12 +107,34 @@ fn default_max_body_bytes() -> u64 {
 }
 
 /// The version the upstream speaks: fixed, or following the canary cohort.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(untagged)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    not(target_arch = "wasm32"),
+    derive(schemars::JsonSchema),
+    schemars(untagged)
+)]
 pub enum RawBackend {
     Fixed(ApiVersion),
     Cohort(RawCohortBackend),
+}
+
+// By hand rather than `#[serde(untagged)]`, whose buffering deserializer costs the wasm
+// tens of KB; the error also says which shapes are expected.
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawBackend, D::Error> {
+        use serde::de::Error;
+        let v = Value::deserialize(d)?;
+        let parsed = if v.is_string() {
+            serde_json::from_value(v).map(RawBackend::Fixed)
+        } else {
+            serde_json::from_value(v).map(RawBackend::Cohort)
+        };
+        parsed.map_err(|e| {
+            D::Error::custom(format!(
+                "expected \"v1\", \"v2\" or {{\"stable\": \"v1\", \"canary\": \"v2\"}}: {e}"
+            ))
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -851,63 +873,72 @@ fn place<'a>(doc: &'a mut Value, segs: &[Segment], idx: &[usize], stop: usize) -
     cur
 }
 
-/// Removes what `segs` names from `v`; true when that left `v` empty (so the parent drops it
-/// too, rather than keeping a hollow `{}` of fields that were all mapped elsewhere).
+/// Removes what `segs` names from `v`; true when something was removed. A container the
+/// removal left empty goes too, rather than staying behind as a hollow `{}` of fields that
+/// were all mapped elsewhere.
 fn remove(v: &mut Value, segs: &[Segment]) -> bool {
     let Some((seg, rest)) = segs.split_first() else {
         return false;
     };
-    let removed = match (seg, &mut *v) {
-        (Segment::Each, Value::Array(items)) if rest.is_empty() => {
-            let any = !items.is_empty();
-            items.clear();
+    match (seg, v) {
+        (Segment::Each, Value::Array(items)) => {
+            if rest.is_empty() {
+                let any = !items.is_empty();
+                items.clear();
+                return any;
+            }
+            let mut any = false;
+            for item in items.iter_mut() {
+                any |= remove(item, rest);
+            }
+            if any && items.iter().all(is_empty_container) {
+                items.clear();
+            }
             any
         }
-        (Segment::Each, Value::Array(items)) => {
-            let mut emptied = 0;
-            for item in items.iter_mut() {
-                if remove(item, rest) {
-                    emptied += 1;
-                }
-            }
-            if emptied > 0 && emptied == items.len() {
-                items.clear();
-                true
-            } else {
-                false
-            }
-        }
         (Segment::Key(_) | Segment::Index(_), Value::Object(m)) => {
-            let key = match seg {
-                Segment::Key(k) => k.clone(),
-                Segment::Index(n) => n.to_string(),
-                Segment::Each => unreachable!("matched above"),
-            };
+            let key = segment_key(seg);
             if rest.is_empty() {
-                m.remove(&key).is_some()
-            } else if m.get_mut(&key).is_some_and(|child| remove(child, rest)) {
-                m.remove(&key);
-                true
-            } else {
-                false
+                return m.remove(&key).is_some();
             }
+            let Some(child) = m.get_mut(&key) else {
+                return false;
+            };
+            let removed = remove(child, rest);
+            if removed && is_empty_container(child) {
+                m.remove(&key);
+            }
+            removed
         }
         (Segment::Index(n), Value::Array(items)) if *n < items.len() => {
             if rest.is_empty() {
                 items.remove(*n);
-                true
-            } else {
-                remove(&mut items[*n], rest) && {
-                    items.remove(*n);
-                    true
-                }
+                return true;
             }
+            let removed = remove(&mut items[*n], rest);
+            if removed && is_empty_container(&items[*n]) {
+                items.remove(*n);
+            }
+            removed
         }
         _ => false,
-    };
-    removed
-        && v.as_object()
-            .map_or_else(|| v.as_array().is_some_and(Vec::is_empty), Map::is_empty)
+    }
+}
+
+fn segment_key(seg: &Segment) -> String {
+    match seg {
+        Segment::Key(k) => k.clone(),
+        Segment::Index(n) => n.to_string(),
+        Segment::Each => "*".to_string(),
+    }
+}
+
+fn is_empty_container(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
 }
 
 /// Translates a document written in `from` into the other version with `entries`.

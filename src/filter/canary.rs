@@ -18,6 +18,7 @@ pub fn on_request_headers(http: &mut Http) {
         return;
     };
     let a = canary.assign(&HostRequest, || new_anonymous_id(random_bytes()));
+    http.variant = Some(a.variant);
     // Always set: whatever the client sent in this header is replaced.
     http.set_http_request_header(&canary.route_header, Some(a.variant.as_str()));
     if let Some(ov) = &canary.override_ {

@@ -6,12 +6,16 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 use crate::canary::{Reason, Variant};
 
 pub struct Metrics {
     canary_decisions: Vec<u32>,
     canary_override_rejected: u32,
+    /// Counters whose labels come from the configuration (route names), defined on first use.
+    by_name: RefCell<HashMap<String, u32>>,
 }
 
 fn counter(name: &str) -> u32 {
@@ -38,6 +42,7 @@ impl Metrics {
         Metrics {
             canary_decisions,
             canary_override_rejected: counter("handoff_canary_override_rejected"),
+            by_name: RefCell::new(HashMap::new()),
         }
     }
 
@@ -49,5 +54,25 @@ impl Metrics {
 
     pub fn canary_override_rejected(&self) {
         inc(self.canary_override_rejected);
+    }
+
+    fn inc_named(&self, name: String) {
+        let mut by_name = self.by_name.borrow_mut();
+        let id = *by_name.entry(name).or_insert_with_key(|n| counter(n));
+        inc(id);
+    }
+
+    /// `handoff_translate_translations{route, direction, message}`
+    pub fn translate_translation(&self, route: &str, direction: &str, message: &str) {
+        self.inc_named(format!(
+            "handoff_translate_translations.route.{route}.direction.{direction}.message.{message}"
+        ));
+    }
+
+    /// `handoff_translate_failures{route, message, reason}`
+    pub fn translate_failure(&self, route: &str, message: &str, reason: &str) {
+        self.inc_named(format!(
+            "handoff_translate_failures.route.{route}.message.{message}.reason.{reason}"
+        ));
     }
 }

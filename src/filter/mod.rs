@@ -4,12 +4,14 @@
 mod canary;
 mod host;
 mod metrics;
+mod translate;
 
 use log::{error, info};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::rc::Rc;
 
+use crate::canary::Variant;
 use crate::config::Config;
 use metrics::Metrics;
 
@@ -68,6 +70,9 @@ impl RootContext for Root {
             config: self.config.clone(),
             metrics: self.metrics.clone(),
             canary: None,
+            variant: None,
+            translate: None,
+            request_body: None,
         }))
     }
 
@@ -83,21 +88,47 @@ pub(crate) struct Http {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
     canary: Option<canary::Pending>,
+    /// The cohort the canary stage assigned (always set when the canary section is on).
+    variant: Option<Variant>,
+    translate: Option<translate::Pending>,
+    /// The request body as forwarded, when a stage rewrote it (translation), for later stages.
+    #[allow(dead_code)]
+    request_body: Option<Vec<u8>>,
 }
 
 impl Context for Http {}
 
 impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if self.config.canary.is_some() {
             canary::on_request_headers(self);
+        }
+        if self.config.translate.is_some() {
+            return translate::on_request_headers(self, end_of_stream);
         }
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.translate.is_some() {
+            return translate::on_request_body(self, body_size, end_of_stream);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if let Some(pending) = self.canary.take() {
             canary::on_response_headers(self, pending);
+        }
+        if self.translate.is_some() {
+            return translate::on_response_headers(self, end_of_stream);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.translate.is_some() {
+            return translate::on_response_body(self, body_size, end_of_stream);
         }
         Action::Continue
     }

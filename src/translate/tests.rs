@@ -606,6 +606,28 @@ fn unmapped_keep_copies_unnamed_fields() {
     );
     // Back again: fields emptied by the mapping leave no hollow objects behind.
     assert_eq!(req(&r, ApiVersion::V2, v2).unwrap(), v1);
+    // Elements whose fields were all mapped leave no `[{}, {}]` behind; empty input stays.
+    let v1 = json!({"customer_id": "c", "items": [{"id": 1}, {"id": 2}], "empty": {}});
+    let v2 = req(&r, ApiVersion::V1, v1.clone()).unwrap();
+    assert_eq!(
+        v2,
+        json!({"customer": {"id": "c"}, "items": [{"sku": 1}, {"sku": 2}], "empty": {}})
+    );
+    let r2 = route_with(
+        json!([{"v1": "/items/*/id", "v2": "/lines/*/sku"},
+               {"v1": "/items/*/qty", "v2": "/lines/*/quantity"}]),
+        "keep",
+    );
+    let v2 = req(
+        &r2,
+        ApiVersion::V1,
+        json!({"items": [{"id": 1, "qty": 2}, {"id": 3}]}),
+    )
+    .unwrap();
+    assert_eq!(
+        v2,
+        json!({"lines": [{"sku": 1, "quantity": 2}, {"sku": 3}]})
+    );
     // Drop leaves unnamed fields out.
     let r = route_with(json!([{"v1": "/amount", "v2": "/amount/value"}]), "drop");
     assert_eq!(

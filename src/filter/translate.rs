@@ -1,0 +1,206 @@
+//! Translation glue: plan the request from its head, buffer the body until it is complete,
+//! rewrite it, and do the same to the response. Errors are answered here and never forwarded.
+//!
+//! proxy-wasm turns a paused headers callback into "stop everything" (the body callbacks do
+//! not run until the filter resumes), so the headers continue at once and only the body is
+//! held. What keeps a failed request away from the backend is the small Lua "hold" filter the
+//! shipped Envoy configs put after handoff: it holds headers marked `x-handoff-translated`
+//! until the (rewritten) body is complete. Its twin before handoff holds translated responses,
+//! so an untranslatable one can still be answered with a 502 instead of a reset.
+
+use log::{debug, warn};
+use proxy_wasm::traits::HttpContext;
+use proxy_wasm::types::Action;
+
+use super::Http;
+use crate::problem::Reply;
+use crate::translate::{direction, Message, Plan, TranslateError, TRANSLATED_HEADER};
+
+/// What a translated exchange still has to do.
+pub struct Pending {
+    plan: Plan,
+    /// The request body is being buffered for rewriting.
+    request_body: bool,
+    /// The response body is being buffered for rewriting.
+    response_body: bool,
+}
+
+pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
+    let config = http.config.clone();
+    let Some(t) = config.translate.as_ref() else {
+        return Action::Continue;
+    };
+    // Only the filter says a request was translated.
+    http.set_http_request_header(TRANSLATED_HEADER, None);
+    let path = http.get_http_request_header(":path").unwrap_or_default();
+    let content_type = http.get_http_request_header("content-type");
+    let plan = match t.plan(&path, content_type.as_deref(), !end_of_stream, http.variant) {
+        Ok(Some(plan)) => plan,
+        Ok(None) => return Action::Continue,
+        Err(e) => {
+            let route = t
+                .routes
+                .iter()
+                .find(|r| path.starts_with(&r.v1_prefix) || path.starts_with(&r.v2_prefix))
+                .map_or("unknown", |r| r.name.as_str());
+            return fail(http, route, Message::Request, &e);
+        }
+    };
+    http.set_http_request_header(":path", Some(&plan.path));
+    http.set_http_request_header(TRANSLATED_HEADER, Some(plan.header_value()));
+    debug!(
+        "handoff[{}]: translate {} {path} -> {}",
+        http.context_id,
+        plan.header_value(),
+        plan.path
+    );
+    let request_body = plan.translate_body;
+    if request_body {
+        // The rewritten body has another length; Envoy frames it anew.
+        http.set_http_request_header("content-length", None);
+    } else {
+        count(http, &plan, Message::Request);
+    }
+    http.translate = Some(Pending {
+        plan,
+        request_body,
+        response_body: false,
+    });
+    Action::Continue
+}
+
+pub fn on_request_body(http: &mut Http, body_size: usize, end_of_stream: bool) -> Action {
+    let Some(p) = http.translate.as_ref().filter(|p| p.request_body) else {
+        return Action::Continue;
+    };
+    let config = http.config.clone();
+    let Some(route) = config.translate.as_ref().and_then(|t| t.route(&p.plan)) else {
+        return Action::Continue;
+    };
+    if let Err(e) = route.check_size(body_size) {
+        return fail(http, &route.name, Message::Request, &e);
+    }
+    if !end_of_stream {
+        return Action::Pause;
+    }
+    let client = p.plan.client;
+    let body = http.get_http_request_body(0, body_size).unwrap_or_default();
+    match route.translate_request(client, &body) {
+        Ok(out) => {
+            http.set_http_request_body(0, body_size, &out);
+            if let Some(p) = http.translate.as_mut() {
+                p.request_body = false;
+            }
+            // The bytes the backend gets, for stages that fingerprint the request.
+            http.request_body = Some(out);
+            if let Some(p) = http.translate.as_ref() {
+                let plan = p.plan.clone();
+                count(http, &plan, Message::Request);
+            }
+            Action::Continue
+        }
+        Err(e) => fail(http, &route.name, Message::Request, &e),
+    }
+}
+
+pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
+    if end_of_stream {
+        return Action::Continue;
+    }
+    let Some(p) = http.translate.as_ref() else {
+        return Action::Continue;
+    };
+    let config = http.config.clone();
+    let Some(route) = config.translate.as_ref().and_then(|t| t.route(&p.plan)) else {
+        return Action::Continue;
+    };
+    let status = http
+        .get_http_response_header(":status")
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(0);
+    let content_type = http.get_http_response_header("content-type");
+    if !route.translates_response(status, content_type.as_deref()) {
+        return Action::Continue;
+    }
+    let Some(p) = http.translate.as_mut() else {
+        return Action::Continue;
+    };
+    p.response_body = true;
+    let marker = direction(p.plan.backend);
+    http.set_http_response_header("content-length", None);
+    // Tells the client (and the hold filter) that this body is rewritten: `v2-v1` for a v2
+    // backend's answer to a v1 client.
+    http.set_http_response_header(TRANSLATED_HEADER, Some(marker));
+    Action::Continue
+}
+
+pub fn on_response_body(http: &mut Http, body_size: usize, end_of_stream: bool) -> Action {
+    let Some(p) = http.translate.as_ref().filter(|p| p.response_body) else {
+        return Action::Continue;
+    };
+    let config = http.config.clone();
+    let Some(route) = config.translate.as_ref().and_then(|t| t.route(&p.plan)) else {
+        return Action::Continue;
+    };
+    if let Err(e) = route.check_size(body_size) {
+        return fail(http, &route.name, Message::Response, &e);
+    }
+    if !end_of_stream {
+        return Action::Pause;
+    }
+    let client = p.plan.client;
+    let body = http
+        .get_http_response_body(0, body_size)
+        .unwrap_or_default();
+    match route.translate_response(client, &body) {
+        Ok(out) => {
+            http.set_http_response_body(0, body_size, &out);
+            if let Some(p) = http.translate.as_mut() {
+                p.response_body = false;
+            }
+            if let Some(p) = http.translate.as_ref() {
+                let plan = p.plan.clone();
+                count(http, &plan, Message::Response);
+            }
+            Action::Continue
+        }
+        Err(e) => fail(http, &route.name, Message::Response, &e),
+    }
+}
+
+fn count(http: &Http, plan: &Plan, message: Message) {
+    let Some(route) = http.config.translate.as_ref().and_then(|t| t.route(plan)) else {
+        return;
+    };
+    let from = match message {
+        Message::Request => plan.client,
+        Message::Response => plan.backend,
+    };
+    http.metrics
+        .translate_translation(&route.name, direction(from), message.as_str());
+}
+
+/// Answers the client with the error's problem and stops the exchange here.
+fn fail(http: &mut Http, route: &str, message: Message, e: &TranslateError) -> Action {
+    warn!(
+        "handoff[{}]: translate {} {} failed: {}",
+        http.context_id,
+        route,
+        message.as_str(),
+        e.detail()
+    );
+    http.metrics
+        .translate_failure(route, message.as_str(), e.reason());
+    http.translate = None;
+    send(http, &e.reply(message));
+    Action::Pause
+}
+
+fn send(http: &Http, reply: &Reply) {
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    http.send_http_response(u32::from(reply.status), headers, Some(&reply.body));
+}
