@@ -597,3 +597,42 @@ async fn invalid_translate_configs_are_refused_with_one_log_line() {
         assert!(hits[0].contains("[error]"), "{}", hits[0]);
     }
 }
+
+#[tokio::test]
+async fn the_demo_translates_for_canary_users_only() {
+    // envoy/demo.yaml: canary (allow u-1, deny u-2) routes by cohort; translate follows it.
+    let stable = Backend::start("stable", "v1");
+    let canary = Backend::start("canary", "v2");
+    let envoy = Envoy::start(
+        EnvoyOpts::new("demo")
+            .upstream(8081, &stable)
+            .upstream(8082, &canary),
+    )
+    .await;
+    let v1_body = json!({"amount": 5, "currency": "EUR", "customer_id": "c-5"});
+    for (proto, c) in clients() {
+        let post = |user: &str| {
+            c.post(envoy.url("/api/v1/payments"))
+                .header("x-user-id", user)
+                .header("content-type", "application/json")
+                .body(v1_body.to_string())
+        };
+        let a = send(post("u-1")).await;
+        assert_eq!(a.status, 201, "{proto}");
+        assert_eq!(a.header("x-upstream"), Some("canary"));
+        assert_eq!(a.header("x-handoff-translated"), Some("v2-v1"));
+        a.assert_length_correct();
+        assert!(a.json().get("transaction_id").is_some(), "{}", a.json());
+        let seen = canary.last().await;
+        assert_eq!(seen["path"], "/api/v2/payments");
+        assert_eq!(seen["body"]["customer"]["id"], "c-5");
+
+        let a = send(post("u-2")).await;
+        assert_eq!(a.status, 201, "{proto}");
+        assert_eq!(a.header("x-upstream"), Some("stable"));
+        assert!(a.header("x-handoff-translated").is_none());
+        let seen = stable.last().await;
+        assert_eq!(seen["body"], v1_body, "{proto}");
+        assert!(seen["headers"].get("x-handoff-translated").is_none());
+    }
+}

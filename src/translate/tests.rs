@@ -720,16 +720,15 @@ proptest! {
         for (i, (a, _, each)) in shape.iter().enumerate() {
             let p = Pointer::parse(&pointer(format!("k{i}"), a, *each)).unwrap();
             let n = if *each { values[i].len() } else { 1 };
-            for j in 0..n {
-                *place(&mut v1, &p.segments, &[j], p.segments.len()) = values[i][j].clone();
+            for (j, value) in values[i].iter().take(n).enumerate() {
+                *place(&mut v1, &p.segments, &[j], p.segments.len()) = value.clone();
             }
         }
         let v2 = r.translate_request_value(ApiVersion::V1, &v1).unwrap();
         let back = r.translate_request_value(ApiVersion::V2, &v2).unwrap();
-        for (i, (a, _, each)) in shape.iter().enumerate() {
+        for (i, entry) in entries.iter().enumerate() {
             let p = format!("/k{i}");
-            prop_assert_eq!(back.pointer(&p), v1.pointer(&p), "entry {} {:?}", i, entries[i]);
-            let _ = (a, each);
+            prop_assert_eq!(back.pointer(&p), v1.pointer(&p), "entry {} {:?}", i, entry);
         }
         prop_assert_eq!(back.get("unnamed").is_some(), keep);
         // And the bytes API agrees with the value API.
