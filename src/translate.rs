@@ -539,6 +539,8 @@ fn validate_entries(raw: Vec<RawEntry>) -> Result<Vec<Entry>, ConfigError> {
 pub enum TranslateError {
     /// The body needs translating but is not `application/json` or `application/*+json`.
     UnsupportedMediaType { content_type: Option<String> },
+    /// The body is compressed (`content-encoding` other than `identity`): it cannot be read.
+    UnsupportedEncoding { content_encoding: String },
     /// The body is not JSON; `line` and `column` are 1-based, where parsing stopped.
     InvalidJson {
         line: usize,
@@ -556,6 +558,7 @@ impl TranslateError {
     pub fn reason(&self) -> &'static str {
         match self {
             TranslateError::UnsupportedMediaType { .. } => "unsupported_media_type",
+            TranslateError::UnsupportedEncoding { .. } => "unsupported_encoding",
             TranslateError::InvalidJson { .. } => "invalid_json",
             TranslateError::MissingRequired { .. } => "missing_required",
             TranslateError::TooLarge { .. } => "too_large",
@@ -568,6 +571,10 @@ impl TranslateError {
                 "this request is translated between API versions, which needs an \
                  application/json body; got content-type {}",
                 content_type.as_deref().unwrap_or("(none)")
+            ),
+            TranslateError::UnsupportedEncoding { content_encoding } => format!(
+                "this body is translated between API versions, which needs it uncompressed; \
+                 got content-encoding {content_encoding}"
             ),
             TranslateError::InvalidJson {
                 line,
@@ -597,6 +604,11 @@ impl TranslateError {
                 "translate-unsupported-media-type",
                 "Unsupported media type",
             ),
+            (_, TranslateError::UnsupportedEncoding { .. }) => (
+                415,
+                "translate-unsupported-media-type",
+                "Unsupported content encoding",
+            ),
             (_, TranslateError::InvalidJson { .. }) => {
                 (400, "translate-invalid-json", "Invalid JSON body")
             }
@@ -625,6 +637,28 @@ pub fn is_json(content_type: &str) -> bool {
         .to_ascii_lowercase();
     essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// A body with this `content-encoding` can be read: none, or `identity`.
+pub fn check_encoding(content_encoding: Option<&str>) -> Result<(), TranslateError> {
+    match content_encoding.map(str::trim) {
+        None | Some("") => Ok(()),
+        Some(e) if e.eq_ignore_ascii_case("identity") => Ok(()),
+        Some(e) => Err(TranslateError::UnsupportedEncoding {
+            content_encoding: e.to_string(),
+        }),
+    }
+}
+
+/// The parts of a request head a plan depends on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestHead<'a> {
+    /// `:path`, with the query.
+    pub path: &'a str,
+    pub content_type: Option<&'a str>,
+    pub content_encoding: Option<&'a str>,
+    /// More than the headers will arrive (the headers did not end the stream).
+    pub has_body: bool,
 }
 
 /// What to do with one request: which route, who speaks which version, the upstream path.
@@ -657,15 +691,19 @@ fn strip_path_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
 
 impl Translate {
     /// Decides a request from its head. `Ok(None)`: pass it through untouched (no route, or
-    /// the client already speaks the backend's version). `has_body`: more than the headers
-    /// will arrive. `variant`: the canary cohort, when the canary section ran.
+    /// the client already speaks the backend's version). `variant`: the canary cohort, when
+    /// the canary section ran. `Err`: refuse it (415) before anything is forwarded.
     pub fn plan(
         &self,
-        path: &str,
-        content_type: Option<&str>,
-        has_body: bool,
+        head: &RequestHead<'_>,
         variant: Option<Variant>,
     ) -> Result<Option<Plan>, TranslateError> {
+        let RequestHead {
+            path,
+            content_type,
+            content_encoding,
+            has_body,
+        } = *head;
         for (i, route) in self.routes.iter().enumerate() {
             let (client, rest) = if let Some(rest) = strip_path_prefix(path, &route.v1_prefix) {
                 (ApiVersion::V1, rest)
@@ -678,10 +716,13 @@ impl Translate {
             if client == backend {
                 return Ok(None);
             }
-            if has_body && !content_type.is_some_and(is_json) {
-                return Err(TranslateError::UnsupportedMediaType {
-                    content_type: content_type.map(str::to_string),
-                });
+            if has_body {
+                if !content_type.is_some_and(is_json) {
+                    return Err(TranslateError::UnsupportedMediaType {
+                        content_type: content_type.map(str::to_string),
+                    });
+                }
+                check_encoding(content_encoding)?;
             }
             let prefix = match backend {
                 ApiVersion::V1 => &route.v1_prefix,
@@ -700,6 +741,14 @@ impl Translate {
 
     pub fn route(&self, plan: &Plan) -> Option<&Route> {
         self.routes.get(plan.route)
+    }
+
+    /// The route whose prefixes `path` starts with, if any (for labelling a refusal).
+    pub fn route_for_path(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            strip_path_prefix(path, &r.v1_prefix).is_some()
+                || strip_path_prefix(path, &r.v2_prefix).is_some()
+        })
     }
 }
 

@@ -146,6 +146,8 @@ async fn v1_clients_reach_the_v2_backend_translated_both_ways() {
                 .header("content-type", "application/json")
                 // A client cannot claim its request was translated.
                 .header("x-handoff-translated", "v2-v1")
+                // The response is rewritten: the backend is asked for it uncompressed.
+                .header("accept-encoding", "gzip")
                 .body(v1_body.to_string()),
         )
         .await;
@@ -174,6 +176,7 @@ async fn v1_clients_reach_the_v2_backend_translated_both_ways() {
             "{proto}"
         );
         assert_eq!(seen["headers"]["x-handoff-translated"], "v1-v2");
+        assert!(seen["headers"].get("accept-encoding").is_none(), "{seen}");
         if let Some(l) = seen["headers"]["content-length"].as_str() {
             assert_eq!(
                 l.parse::<u64>().unwrap(),
@@ -474,6 +477,17 @@ async fn errors_are_problems_that_never_reach_the_backend() {
         let a = send(c.post(s.envoy.url("/api/v1/payments")).body("{}")).await;
         a.assert_problem(415);
 
+        // 415: a compressed body cannot be read.
+        let a = send(
+            c.post(s.envoy.url("/api/v1/payments"))
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(vec![0x1f, 0x8b, 0x08, 0x00]),
+        )
+        .await;
+        let p = a.assert_problem(415);
+        assert!(p["detail"].as_str().unwrap().contains("gzip"), "{p}");
+
         // 400: invalid JSON, with where parsing stopped.
         let a = send(
             c.post(s.envoy.url("/api/v1/payments"))
@@ -524,6 +538,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
     let f = "handoff_translate_failures";
     let l = |route, reason| [("route", route), ("message", "request"), ("reason", reason)];
     assert_eq!(stats.get(f, &l("payments", "unsupported_media_type")), 4.0);
+    assert_eq!(stats.get(f, &l("payments", "unsupported_encoding")), 2.0);
     assert_eq!(stats.get(f, &l("payments", "invalid_json")), 2.0);
     assert_eq!(stats.get(f, &l("payments", "missing_required")), 2.0);
     assert_eq!(stats.get(f, &l("orders", "too_large")), 4.0);

@@ -14,7 +14,9 @@ use proxy_wasm::types::Action;
 
 use super::Http;
 use crate::problem::Reply;
-use crate::translate::{direction, Message, Plan, TranslateError, TRANSLATED_HEADER};
+use crate::translate::{
+    check_encoding, direction, Message, Plan, RequestHead, TranslateError, TRANSLATED_HEADER,
+};
 
 /// What a translated exchange still has to do.
 pub struct Pending {
@@ -34,20 +36,27 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
     http.set_http_request_header(TRANSLATED_HEADER, None);
     let path = http.get_http_request_header(":path").unwrap_or_default();
     let content_type = http.get_http_request_header("content-type");
-    let plan = match t.plan(&path, content_type.as_deref(), !end_of_stream, http.variant) {
+    let content_encoding = http.get_http_request_header("content-encoding");
+    let head = RequestHead {
+        path: &path,
+        content_type: content_type.as_deref(),
+        content_encoding: content_encoding.as_deref(),
+        has_body: !end_of_stream,
+    };
+    let plan = match t.plan(&head, http.variant) {
         Ok(Some(plan)) => plan,
         Ok(None) => return Action::Continue,
         Err(e) => {
             let route = t
-                .routes
-                .iter()
-                .find(|r| path.starts_with(&r.v1_prefix) || path.starts_with(&r.v2_prefix))
+                .route_for_path(&path)
                 .map_or("unknown", |r| r.name.as_str());
             return fail(http, route, Message::Request, &e);
         }
     };
     http.set_http_request_header(":path", Some(&plan.path));
     http.set_http_request_header(TRANSLATED_HEADER, Some(plan.header_value()));
+    // The response body is rewritten too: ask the backend for it uncompressed.
+    http.set_http_request_header("accept-encoding", None);
     debug!(
         "handoff[{}]: translate {} {path} -> {}",
         http.context_id,
@@ -121,6 +130,11 @@ pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
     let content_type = http.get_http_response_header("content-type");
     if !route.translates_response(status, content_type.as_deref()) {
         return Action::Continue;
+    }
+    let encoding = http.get_http_response_header("content-encoding");
+    if let Err(e) = check_encoding(encoding.as_deref()) {
+        let name = route.name.clone();
+        return fail(http, &name, Message::Response, &e);
     }
     let Some(p) = http.translate.as_mut() else {
         return Action::Continue;

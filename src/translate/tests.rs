@@ -47,6 +47,15 @@ fn route_with(entries: Value, unmapped: &str) -> Route {
     t.routes[0].clone()
 }
 
+fn head<'a>(path: &'a str, content_type: Option<&'a str>, has_body: bool) -> RequestHead<'a> {
+    RequestHead {
+        path,
+        content_type,
+        content_encoding: None,
+        has_body,
+    }
+}
+
 fn req(route: &Route, from: ApiVersion, body: Value) -> Result<Value, TranslateError> {
     route.translate_request_value(from, &body)
 }
@@ -268,9 +277,11 @@ fn plan_rewrites_the_prefix_and_keeps_rest_and_query() {
     let t = translate(payments(json!("v2"), |_| {}));
     let p = t
         .plan(
-            "/api/v1/payments/42/refund?x=1",
-            Some("application/json"),
-            true,
+            &head(
+                "/api/v1/payments/42/refund?x=1",
+                Some("application/json"),
+                true,
+            ),
             None,
         )
         .unwrap()
@@ -280,7 +291,7 @@ fn plan_rewrites_the_prefix_and_keeps_rest_and_query() {
     assert!(p.translate_body);
     assert_eq!(p.header_value(), "v1-v2");
     let p = t
-        .plan("/api/v1/payments?a=b", None, false, None)
+        .plan(&head("/api/v1/payments?a=b", None, false), None)
         .unwrap()
         .unwrap();
     assert_eq!(p.path, "/api/v2/payments?a=b");
@@ -291,11 +302,14 @@ fn plan_rewrites_the_prefix_and_keeps_rest_and_query() {
 fn plan_passes_through_same_version_and_other_paths() {
     let t = translate(payments(json!("v2"), |_| {}));
     assert_eq!(
-        t.plan("/api/v2/payments", Some("text/plain"), true, None),
+        t.plan(&head("/api/v2/payments", Some("text/plain"), true), None),
         Ok(None)
     );
-    assert_eq!(t.plan("/api/v1/paymentsX", None, true, None), Ok(None));
-    assert_eq!(t.plan("/other", None, true, None), Ok(None));
+    assert_eq!(
+        t.plan(&head("/api/v1/paymentsX", None, true), None),
+        Ok(None)
+    );
+    assert_eq!(t.plan(&head("/other", None, true), None), Ok(None));
 }
 
 #[test]
@@ -303,9 +317,11 @@ fn plan_mirror_case() {
     let t = translate(payments(json!("v1"), |_| {}));
     let p = t
         .plan(
-            "/api/v2/payments",
-            Some("application/vnd.pay+json; charset=utf-8"),
-            true,
+            &head(
+                "/api/v2/payments",
+                Some("application/vnd.pay+json; charset=utf-8"),
+                true,
+            ),
             None,
         )
         .unwrap()
@@ -318,10 +334,13 @@ fn plan_mirror_case() {
 fn plan_follows_the_cohort() {
     let t = translate(payments(json!({"stable": "v1", "canary": "v2"}), |_| {}));
     let path = "/api/v1/payments";
-    assert_eq!(t.plan(path, None, false, Some(Variant::Stable)), Ok(None));
-    assert_eq!(t.plan(path, None, false, None), Ok(None));
+    assert_eq!(
+        t.plan(&head(path, None, false), Some(Variant::Stable)),
+        Ok(None)
+    );
+    assert_eq!(t.plan(&head(path, None, false), None), Ok(None));
     let p = t
-        .plan(path, None, false, Some(Variant::Canary))
+        .plan(&head(path, None, false), Some(Variant::Canary))
         .unwrap()
         .unwrap();
     assert_eq!(p.backend, ApiVersion::V2);
@@ -331,12 +350,46 @@ fn plan_follows_the_cohort() {
 fn plan_rejects_non_json_bodies_with_415() {
     let t = translate(payments(json!("v2"), |_| {}));
     let e = t
-        .plan("/api/v1/payments", Some("text/plain"), true, None)
+        .plan(&head("/api/v1/payments", Some("text/plain"), true), None)
         .unwrap_err();
     assert_eq!(e.reason(), "unsupported_media_type");
     assert_eq!(e.reply(Message::Request).status, 415);
-    let e = t.plan("/api/v1/payments", None, true, None).unwrap_err();
+    let e = t
+        .plan(&head("/api/v1/payments", None, true), None)
+        .unwrap_err();
     assert!(e.detail().contains("(none)"), "{}", e.detail());
+}
+
+#[test]
+fn plan_rejects_compressed_bodies_with_415() {
+    let t = translate(payments(json!("v2"), |_| {}));
+    let mut h = head("/api/v1/payments", Some("application/json"), true);
+    for ok in ["identity", "Identity", ""] {
+        h.content_encoding = Some(ok);
+        assert!(t.plan(&h, None).unwrap().is_some(), "{ok}");
+    }
+    h.content_encoding = Some("gzip");
+    let e = t.plan(&h, None).unwrap_err();
+    assert_eq!(e.reason(), "unsupported_encoding");
+    assert_eq!(e.reply(Message::Request).status, 415);
+    assert_eq!(e.reply(Message::Response).status, 502);
+    assert!(e.detail().contains("gzip"));
+    // Without a body the encoding does not matter.
+    h.has_body = false;
+    assert!(t.plan(&h, None).unwrap().is_some());
+    assert!(check_encoding(None).is_ok());
+    assert!(check_encoding(Some("br")).is_err());
+}
+
+#[test]
+fn route_for_path_labels_refusals() {
+    let t = translate(payments(json!("v2"), |_| {}));
+    assert_eq!(
+        t.route_for_path("/api/v2/payments/1")
+            .map(|r| r.name.as_str()),
+        Some("payments")
+    );
+    assert!(t.route_for_path("/api/v2/paymentsX").is_none());
 }
 
 #[test]
