@@ -804,3 +804,26 @@ proptest! {
         prop_assert_eq!(r.translate_response_value(ApiVersion::V1, &v2).unwrap(), list);
     }
 }
+
+#[test]
+fn the_json_schema_describes_the_section() {
+    let schema = serde_json::to_value(schemars::schema_for!(crate::config::RawConfig)).unwrap();
+    let text = schema.to_string();
+    for key in [
+        "translate",
+        "v1_prefix",
+        "max_body_bytes",
+        "unmapped",
+        "translate_errors",
+    ] {
+        assert!(text.contains(key), "{key} missing from the schema");
+    }
+}
+
+#[test]
+fn summary_names_the_section() {
+    let cfg = json!({"translate": payments(json!("v2"), |_| {})}).to_string();
+    let c = Config::parse(cfg.as_bytes()).unwrap();
+    assert!(!c.is_empty());
+    assert!(c.summary().contains("translate 1 route"), "{}", c.summary());
+}
