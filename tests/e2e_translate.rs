@@ -562,6 +562,12 @@ async fn error_responses_pass_untranslated_unless_asked_and_bad_responses_are_50
             .unwrap()
             .push(strict);
         c["translate"]["routes"][0]["translate_errors"] = json!(false);
+        let mut orders = orders_route();
+        orders["translate_errors"] = json!(true);
+        c["translate"]["routes"]
+            .as_array_mut()
+            .unwrap()
+            .push(orders);
     }))
     .await;
     let v1_body = json!({"amount": 1, "currency": "EUR", "customer_id": "c"});
@@ -572,6 +578,15 @@ async fn error_responses_pass_untranslated_unless_asked_and_bad_responses_are_50
         let got = a.json();
         assert!(got.get("id").is_some(), "untranslated: {got}");
         a.assert_length_correct();
+
+        // With translate_errors, a 4xx is translated like a 2xx (status kept).
+        let a = send(c.get(s.envoy.url("/api/v1/orders?status=404"))).await;
+        assert_eq!(a.status, 404, "{proto}");
+        assert_eq!(a.header("x-handoff-translated"), Some("v2-v1"));
+        a.assert_length_correct();
+        let got = a.json();
+        assert_eq!(got["seen_path"], "/api/v2/orders", "{got}");
+        assert!(got.get("path").is_none(), "{got}");
 
         // A response the mapping cannot translate (a required source is missing): 502.
         let a = send(c.get(s.envoy.url("/api/v1/strict?status=404"))).await;
