@@ -81,15 +81,14 @@ impl Answer {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
-    /// A content-length, when there is one, is the body's real length.
+    /// The content-length is there and is the body's real length.
     fn assert_length_correct(&self) {
-        if let Some(l) = self.header("content-length") {
-            assert_eq!(
-                l.parse::<usize>().unwrap(),
-                self.bytes.len(),
-                "content-length"
-            );
-        }
+        let l = self.header("content-length").expect("a content-length");
+        assert_eq!(
+            l.parse::<usize>().unwrap(),
+            self.bytes.len(),
+            "content-length"
+        );
     }
 
     /// An error the filter answered: problem+json with this status.
@@ -177,12 +176,12 @@ async fn v1_clients_reach_the_v2_backend_translated_both_ways() {
         );
         assert_eq!(seen["headers"]["x-handoff-translated"], "v1-v2");
         assert!(seen["headers"].get("accept-encoding").is_none(), "{seen}");
-        if let Some(l) = seen["headers"]["content-length"].as_str() {
-            assert_eq!(
-                l.parse::<u64>().unwrap(),
-                seen["body_bytes"].as_u64().unwrap()
-            );
-        }
+        // The hold filter gives the upstream an exact length for the rewritten body.
+        assert_eq!(
+            seen["headers"]["content-length"],
+            seen["body_bytes"].to_string(),
+            "{proto}"
+        );
 
         // A list: `*` maps every element.
         let a = send(c.get(s.envoy.url("/api/v1/payments"))).await;
@@ -423,9 +422,10 @@ async fn chunked_http1_and_large_multi_frame_http2_bodies() {
     assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.bytes));
     let seen = s.v2.last().await;
     for_each(&seen);
-    assert!(
-        seen["headers"].get("content-length").is_some()
-            || seen["headers"]["transfer-encoding"] == "chunked"
+    // Sent chunked, forwarded with the exact length of the rewritten body.
+    assert_eq!(
+        seen["headers"]["content-length"],
+        seen["body_bytes"].to_string()
     );
     // The response (the echo, > 200 KB) came back translated in one piece.
     a.assert_length_correct();
