@@ -35,8 +35,19 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
     // Only the filter says a request was translated.
     http.set_http_request_header(TRANSLATED_HEADER, None);
     let path = http.get_http_request_header(":path").unwrap_or_default();
-    let content_type = http.get_http_request_header("content-type");
-    let content_encoding = http.get_http_request_header("content-encoding");
+    if t.route_for_path(&path).is_none() {
+        return Action::Continue;
+    }
+    // Each host call copies: the body's headers are read only when there is a body.
+    let body_header = |name: &str| {
+        if end_of_stream {
+            None
+        } else {
+            http.get_http_request_header(name)
+        }
+    };
+    let content_type = body_header("content-type");
+    let content_encoding = body_header("content-encoding");
     let head = RequestHead {
         path: &path,
         content_type: content_type.as_deref(),
