@@ -353,10 +353,17 @@ impl RawTranslate {
                     ("v1_prefix", &route.v1_prefix),
                     ("v2_prefix", &route.v2_prefix),
                 ] {
-                    if *p == prev.v1_prefix || *p == prev.v2_prefix {
+                    if let Some(q) = [&prev.v1_prefix, &prev.v2_prefix]
+                        .into_iter()
+                        .find(|q| prefixes_overlap(p, q))
+                    {
                         return Err(ConfigError::new(
                             field,
-                            format!("prefix {p:?} is already used by route {:?}", prev.name),
+                            format!(
+                                "prefix {p:?} overlaps {q:?} of route {:?}: a path must belong \
+                                 to one route and one version",
+                                prev.name
+                            ),
                         )
                         .within(&within));
                     }
@@ -400,10 +407,14 @@ impl RawRoute {
         }
         check_prefix(&self.v1_prefix).map_err(|m| ConfigError::new("v1_prefix", m))?;
         check_prefix(&self.v2_prefix).map_err(|m| ConfigError::new("v2_prefix", m))?;
-        if self.v1_prefix == self.v2_prefix {
+        if prefixes_overlap(&self.v1_prefix, &self.v2_prefix) {
             return Err(ConfigError::new(
                 "v2_prefix",
-                "expected a prefix different from v1_prefix",
+                format!(
+                    "expected a prefix that neither equals nor contains v1_prefix {:?} (a path \
+                     must belong to one version), got {:?}",
+                    self.v1_prefix, self.v2_prefix
+                ),
             ));
         }
         if self.max_body_bytes == 0 {
@@ -681,6 +692,11 @@ impl Plan {
     pub fn header_value(&self) -> &'static str {
         direction(self.client)
     }
+}
+
+/// True when some path would match both prefixes.
+fn prefixes_overlap(a: &str, b: &str) -> bool {
+    strip_path_prefix(a, b).is_some() || strip_path_prefix(b, a).is_some()
 }
 
 /// `rest` when `path` is `prefix` followed by nothing, `/...` or `?...`.

@@ -157,9 +157,16 @@ fn rejects_duplicate_route_names_and_prefixes() {
     assert_eq!(e.path, "translate.routes[1].name", "{e}");
     second["name"] = json!("other");
     second["v1_prefix"] = json!("/api/v2/payments");
+    two["routes"][1] = second.clone();
+    let e = reject(two.clone());
+    assert_eq!(e.path, "translate.routes[1].v1_prefix", "{e}");
+    // A prefix inside another route's would be shadowed by it.
+    second["v1_prefix"] = json!("/other/v1");
+    second["v2_prefix"] = json!("/api/v2/payments/refunds");
     two["routes"][1] = second;
     let e = reject(two);
-    assert_eq!(e.path, "translate.routes[1].v1_prefix", "{e}");
+    assert_eq!(e.path, "translate.routes[1].v2_prefix", "{e}");
+    assert!(e.message.contains("payments"), "{e}");
 }
 
 #[test]
@@ -172,6 +179,16 @@ fn rejects_bad_prefixes() {
         r["v2_prefix"] = json!("/api/v1/payments")
     }));
     assert_eq!(e.path, "translate.routes[0].v2_prefix", "{e}");
+    // One inside the other: /api/v1/payments/v2/x would be both versions.
+    let e = reject(payments(json!("v2"), |r| {
+        r["v2_prefix"] = json!("/api/v1/payments/v2")
+    }));
+    assert_eq!(e.path, "translate.routes[0].v2_prefix", "{e}");
+    // A common start is fine when no path matches both.
+    let ok = json!({"translate": payments(json!("v2"), |r| {
+        r["v2_prefix"] = json!("/api/v1/paymentsv2")
+    })});
+    assert!(Config::parse(ok.to_string().as_bytes()).is_ok());
 }
 
 #[test]
