@@ -6,6 +6,7 @@ use serde::Deserialize;
 use std::fmt;
 
 use crate::canary::{Canary, RawCanary};
+use crate::idempotency::{Idempotency, RawIdempotency};
 
 /// The configuration as written. Each absent section switches its capability off.
 #[derive(Debug, Default, Deserialize)]
@@ -13,12 +14,14 @@ use crate::canary::{Canary, RawCanary};
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub canary: Option<RawCanary>,
+    pub idempotency: Option<RawIdempotency>,
 }
 
 /// The validated configuration the filter runs with.
 #[derive(Debug, Default)]
 pub struct Config {
     pub canary: Option<Canary>,
+    pub idempotency: Option<Idempotency>,
 }
 
 /// A rejected configuration: the JSON path (`canary.user_id[0]`) and what was expected.
@@ -86,6 +89,9 @@ impl Config {
         if let Some(c) = &self.canary {
             on.push(format!("canary {}%", c.percent));
         }
+        if let Some(i) = &self.idempotency {
+            on.push(format!("idempotency ({})", i.store_summary()));
+        }
         if on.is_empty() {
             "no capability configured (pass-through)".to_string()
         } else {
@@ -95,7 +101,7 @@ impl Config {
 
     /// True when no capability is switched on: the filter passes everything through.
     pub fn is_empty(&self) -> bool {
-        self.canary.is_none()
+        self.canary.is_none() && self.idempotency.is_none()
     }
 }
 
@@ -107,7 +113,14 @@ impl TryFrom<RawConfig> for Config {
             .canary
             .map(|c| c.validate().map_err(|e| e.within("canary")))
             .transpose()?;
-        Ok(Config { canary })
+        let idempotency = raw
+            .idempotency
+            .map(|c| c.validate().map_err(|e| e.within("idempotency")))
+            .transpose()?;
+        Ok(Config {
+            canary,
+            idempotency,
+        })
     }
 }
 
