@@ -8,10 +8,13 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
 use crate::canary::{Reason, Variant};
+use crate::idempotency::Outcome;
 
 pub struct Metrics {
     canary_decisions: Vec<u32>,
     canary_override_rejected: u32,
+    idempotency_outcomes: Vec<u32>,
+    idempotency_slots_used: u32,
 }
 
 fn counter(name: &str) -> u32 {
@@ -38,6 +41,15 @@ impl Metrics {
         Metrics {
             canary_decisions,
             canary_override_rejected: counter("handoff_canary_override_rejected"),
+            idempotency_outcomes: Outcome::ALL
+                .iter()
+                .map(|o| counter(&format!("handoff_idempotency_outcomes.outcome.{}", o.as_str())))
+                .collect(),
+            idempotency_slots_used: hostcalls::define_metric(
+                MetricType::Gauge,
+                "handoff_idempotency_local_slots_used",
+            )
+            .unwrap_or(0),
         }
     }
 
@@ -49,5 +61,16 @@ impl Metrics {
 
     pub fn canary_override_rejected(&self) {
         inc(self.canary_override_rejected);
+    }
+
+    pub fn idempotency_outcome(&self, o: Outcome) {
+        let i = Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0);
+        inc(self.idempotency_outcomes[i]);
+    }
+
+    /// Slots of the local store that hold a record (taken from free: +1, released: -1).
+    /// Expired records stay counted until their slot is reused.
+    pub fn idempotency_slots_used(&self, delta: i64) {
+        let _ = hostcalls::increment_metric(self.idempotency_slots_used, delta);
     }
 }

@@ -3,6 +3,7 @@
 
 mod canary;
 mod host;
+mod idempotency;
 mod metrics;
 
 use log::{error, info};
@@ -51,6 +52,7 @@ impl RootContext for Root {
                     self.context_id,
                     config.summary()
                 );
+                idempotency::on_configure(&config);
                 self.config = Rc::new(config);
                 true
             }
@@ -68,6 +70,7 @@ impl RootContext for Root {
             config: self.config.clone(),
             metrics: self.metrics.clone(),
             canary: None,
+            idempotency: None,
         }))
     }
 
@@ -83,22 +86,57 @@ pub(crate) struct Http {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
     canary: Option<canary::Pending>,
+    idempotency: Option<idempotency::Pending>,
 }
 
-impl Context for Http {}
+impl Http {
+    /// Answers the request locally (a problem or a replay) instead of forwarding it.
+    fn send_reply(&self, reply: crate::problem::Reply) {
+        let headers: Vec<(&str, &str)> = reply
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.send_http_response(u32::from(reply.status), headers, Some(&reply.body));
+    }
+}
+
+impl Context for Http {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _: usize) {
+        idempotency::on_http_call_response(self, token, headers, body);
+    }
+}
 
 impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if self.config.canary.is_some() {
             canary::on_request_headers(self);
         }
-        Action::Continue
+        idempotency::on_request_headers(self, end_of_stream)
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        idempotency::on_request_body(self, body_size, end_of_stream)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        idempotency::on_request_trailers(self)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // Capture the upstream's own response before anything rewrites it.
+        let action = idempotency::on_response_headers(self, end_of_stream);
         if let Some(pending) = self.canary.take() {
             canary::on_response_headers(self, pending);
         }
-        Action::Continue
+        action
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        idempotency::on_response_body(self, body_size, end_of_stream)
+    }
+
+    fn on_log(&mut self) {
+        idempotency::on_log(self);
     }
 }
