@@ -36,6 +36,10 @@ const ETCD_ATTEMPTS: u8 = 3;
 /// Per-request state.
 pub struct Pending {
     store_key: [u8; 32],
+    /// `:method` and `:path` as forwarded (read in the headers callback: Envoy no longer
+    /// exposes request headers once they have continued).
+    method: String,
+    path: String,
     owner: u64,
     fingerprint: [u8; 32],
     phase: Phase,
@@ -158,6 +162,8 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
             let owner = u64::from_be_bytes(random_bytes()[..8].try_into().unwrap_or([0; 8]));
             http.idempotency = Some(Pending {
                 store_key,
+                method,
+                path,
                 owner,
                 fingerprint: [0; 32],
                 phase: Phase::Body,
@@ -167,7 +173,12 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
             if end_of_stream {
                 decide_now(http, idem, 0)
             } else {
-                Action::Pause
+                // The decision needs the whole body. Envoy turns a paused request-headers
+                // callback into "stop all iteration" (no body callbacks until resumed), so the
+                // headers continue and the body is held in `on_request_body` instead: the
+                // upstream may see the headers of a duplicate, never its body, and the stream
+                // is reset when the filter answers it.
+                Action::Continue
             }
         }
     }
@@ -219,12 +230,13 @@ pub fn forwarded_request_body(http: &Http, body_size: usize) -> Vec<u8> {
     http.get_http_request_body(0, body_size).unwrap_or_default()
 }
 
-/// The `:method` and `:path` as forwarded upstream.
+/// The `:method` and `:path` as forwarded upstream (as they were when the request headers
+/// left this filter: run request-path rewriting before [`on_request_headers`]).
 pub fn forwarded_request_path(http: &Http) -> (String, String) {
-    (
-        http.get_http_request_header(":method").unwrap_or_default(),
-        http.get_http_request_header(":path").unwrap_or_default(),
-    )
+    http.idempotency
+        .as_ref()
+        .map(|p| (p.method.clone(), p.path.clone()))
+        .unwrap_or_default()
 }
 
 fn decide_now(http: &mut Http, idem: &Idempotency, body_size: usize) -> Action {
