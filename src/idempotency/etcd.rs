@@ -11,8 +11,6 @@
 //!
 //! Every write compares a revision, so a request only ever changes its own lock.
 
-use serde_json::{json, Value};
-
 pub const LEASE_GRANT: &str = "/v3/lease/grant";
 pub const TXN: &str = "/v3/kv/txn";
 
@@ -29,48 +27,52 @@ pub fn etcd_key(prefix: &str, key: &[u8; 32]) -> String {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+// Requests are built as text: every value is a number or base64, so nothing needs escaping
+// (and the wasm does not carry a JSON value serializer for it).
+
 pub fn lease_grant(ttl_s: u64) -> Vec<u8> {
-    json!({"TTL": ttl_s.to_string()}).to_string().into_bytes()
+    format!(r#"{{"TTL":"{ttl_s}"}}"#).into_bytes()
 }
 
-/// The lease id of a grant response.
-pub fn parse_lease(body: &[u8]) -> Option<i64> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    int(&v["ID"]).filter(|id| *id != 0)
+fn put(key: &str, value: &[u8], lease: i64) -> String {
+    format!(
+        r#"{{"request_put":{{"key":"{key}","value":"{}","lease":"{lease}"}}}}"#,
+        b64_encode(value)
+    )
+}
+
+fn range(key: &str) -> String {
+    format!(r#"{{"request_range":{{"key":"{key}"}}}}"#)
 }
 
 /// Puts `value` under `key` if the key does not exist; otherwise reads it.
 pub fn lock_txn(key: &str, value: &[u8], lease: i64) -> Vec<u8> {
     let k = b64_encode(key.as_bytes());
-    json!({
-        "compare": [{"key": k, "result": "EQUAL", "target": "CREATE", "create_revision": "0"}],
-        "success": [{"request_put": {"key": k, "value": b64_encode(value), "lease": lease.to_string()}}],
-        "failure": [{"request_range": {"key": k}}],
-    })
-    .to_string()
+    format!(
+        r#"{{"compare":[{{"key":"{k}","result":"EQUAL","target":"CREATE","create_revision":"0"}}],"success":[{}],"failure":[{}]}}"#,
+        put(&k, value, lease),
+        range(&k)
+    )
     .into_bytes()
 }
 
 /// Puts `value` under `key` if its `mod_revision` is still `revision`; otherwise reads it.
 pub fn put_if_revision(key: &str, revision: i64, value: &[u8], lease: i64) -> Vec<u8> {
     let k = b64_encode(key.as_bytes());
-    json!({
-        "compare": [{"key": k, "result": "EQUAL", "target": "MOD", "mod_revision": revision.to_string()}],
-        "success": [{"request_put": {"key": k, "value": b64_encode(value), "lease": lease.to_string()}}],
-        "failure": [{"request_range": {"key": k}}],
-    })
-    .to_string()
+    format!(
+        r#"{{"compare":[{{"key":"{k}","result":"EQUAL","target":"MOD","mod_revision":"{revision}"}}],"success":[{}],"failure":[{}]}}"#,
+        put(&k, value, lease),
+        range(&k)
+    )
     .into_bytes()
 }
 
 /// Deletes `key` if its `mod_revision` is still `revision`.
 pub fn delete_if_revision(key: &str, revision: i64) -> Vec<u8> {
     let k = b64_encode(key.as_bytes());
-    json!({
-        "compare": [{"key": k, "result": "EQUAL", "target": "MOD", "mod_revision": revision.to_string()}],
-        "success": [{"request_delete_range": {"key": k}}],
-    })
-    .to_string()
+    format!(
+        r#"{{"compare":[{{"key":"{k}","result":"EQUAL","target":"MOD","mod_revision":"{revision}"}}],"success":[{{"request_delete_range":{{"key":"{k}"}}}}]}}"#
+    )
     .into_bytes()
 }
 
@@ -84,32 +86,59 @@ pub enum TxnResult {
     Existing(Option<(Vec<u8>, i64)>),
 }
 
-pub fn parse_txn(body: &[u8]) -> Option<TxnResult> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    // The gateway omits fields with default values: `succeeded: false` is absent.
-    if v["succeeded"].as_bool().unwrap_or(false) {
-        let revision = int(&v["header"]["revision"])?;
-        return Some(TxnResult::Written { revision });
+// The gateway's answers are read with a small scanner instead of a JSON parser (which would
+// add a second serde_json instantiation to the wasm): etcd writes compact JSON where every
+// field read here is a number-as-string or base64, never escaped, and omits fields that have
+// their default value (`succeeded: false`, empty lists).
+
+/// What follows the first `"name":` in `body` (whitespace skipped). The name must not be the
+/// tail of a longer name (`"revision"` does not match `"mod_revision"`).
+fn field<'a>(body: &'a str, name: &str) -> Option<&'a str> {
+    let quoted = format!("\"{name}\"");
+    let mut from = 0;
+    while let Some(i) = body[from..].find(&quoted) {
+        let after = &body[from + i + quoted.len()..];
+        if let Some(value) = after.trim_start().strip_prefix(':') {
+            return Some(value.trim_start());
+        }
+        from += i + quoted.len();
     }
-    let kv = v["responses"]
-        .as_array()
-        .and_then(|r| r.first())
-        .and_then(|r| r["response_range"]["kvs"].as_array())
-        .and_then(|kvs| kvs.first());
-    let Some(kv) = kv else {
-        return Some(TxnResult::Existing(None));
-    };
-    let value = b64_decode(kv["value"].as_str().unwrap_or(""))?;
-    let revision = int(&kv["mod_revision"])?;
-    Some(TxnResult::Existing(Some((value, revision))))
+    None
 }
 
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::String(s) => s.parse().ok(),
-        Value::Number(n) => n.as_i64(),
-        _ => None,
+/// The first `"name": "<text>"` in `body`.
+fn string_field<'a>(body: &'a str, name: &str) -> Option<&'a str> {
+    let rest = field(body, name)?.strip_prefix('"')?;
+    Some(&rest[..rest.find('"')?])
+}
+
+fn int_field(body: &str, name: &str) -> Option<i64> {
+    string_field(body, name)?.parse().ok()
+}
+
+/// The lease id of a grant response.
+pub fn parse_lease(body: &[u8]) -> Option<i64> {
+    let body = std::str::from_utf8(body).ok()?;
+    int_field(body, "ID").filter(|id| *id != 0)
+}
+
+pub fn parse_txn(body: &[u8]) -> Option<TxnResult> {
+    let body = std::str::from_utf8(body).ok()?;
+    let trimmed = body.trim();
+    if !(trimmed.starts_with('{') && trimmed.ends_with('}')) || body.contains("\"error\"") {
+        return None;
     }
+    if field(body, "succeeded").is_some_and(|v| v.starts_with("true")) {
+        let revision = int_field(body, "revision")?;
+        return Some(TxnResult::Written { revision });
+    }
+    // A failed compare: the range response of the failure branch, at most one key.
+    let Some(kvs) = field(body, "kvs") else {
+        return Some(TxnResult::Existing(None));
+    };
+    let value = b64_decode(string_field(kvs, "value")?)?;
+    let revision = int_field(kvs, "mod_revision")?;
+    Some(TxnResult::Existing(Some((value, revision))))
 }
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -167,6 +196,7 @@ mod tests {
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
     use proptest::prelude::*;
+    use serde_json::Value;
 
     #[test]
     fn keys_are_prefix_and_hex() {
@@ -219,6 +249,16 @@ mod tests {
             Some(TxnResult::Existing(None))
         );
         assert_eq!(parse_txn(b"not json"), None);
+        assert_eq!(
+            parse_txn(br#"{"error":"etcdserver: request timed out","code":14}"#),
+            None
+        );
+        // Whitespace the scanner tolerates, and a header before the kvs.
+        assert_eq!(
+            parse_txn(br#"{ "header": {"revision": "4"}, "succeeded" : true }"#),
+            Some(TxnResult::Written { revision: 4 })
+        );
+        assert_eq!(string_field(r#"{"mod_revision":"9","revision":"3"}"#, "revision"), Some("3"));
     }
 
     proptest! {

@@ -88,34 +88,39 @@ fn default_timeout_ms() -> u64 {
     250
 }
 
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum RawStore {
-    Local(RawLocalStore),
-    Etcd(RawEtcdStore),
-}
-
-impl Default for RawStore {
-    fn default() -> RawStore {
-        RawStore::Local(RawLocalStore {
-            max_entries: default_max_entries(),
-            max_response_bytes: default_max_response_bytes(),
-            when_full: WhenFull::default(),
-        })
-    }
-}
-
-#[derive(Debug, Deserialize)]
+/// `store`: one object for both kinds (a flat struct keeps serde's buffering of internally
+/// tagged enums out of the wasm); `validate` rejects keys that belong to the other kind.
+#[derive(Debug, Default, Deserialize)]
 #[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
-pub struct RawLocalStore {
-    #[serde(default = "default_max_entries")]
-    pub max_entries: u32,
-    #[serde(default = "default_max_response_bytes")]
-    pub max_response_bytes: usize,
-    #[serde(default)]
-    pub when_full: WhenFull,
+pub struct RawStore {
+    #[serde(rename = "type", default)]
+    pub kind: StoreKind,
+    /// local: the number of slots (default 10000).
+    pub max_entries: Option<u32>,
+    /// Largest response stored for replay (default 65536).
+    pub max_response_bytes: Option<usize>,
+    /// local: `accept_unprotected` (default) or `reject`.
+    pub when_full: Option<WhenFull>,
+    /// etcd: the Envoy cluster that reaches etcd (default `etcd`).
+    pub cluster: Option<String>,
+    /// etcd: `:authority` of the requests to etcd (default `etcd`).
+    pub authority: Option<String>,
+    /// etcd: key prefix (default `/handoff/idem/`).
+    pub prefix: Option<String>,
+    /// etcd: per-request timeout (default 250).
+    pub timeout_ms: Option<u64>,
+    /// etcd: `reject` (default) or `allow`.
+    pub on_error: Option<OnError>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    #[default]
+    Local,
+    Etcd,
 }
 
 /// What the local store does with a new key when its slots all hold live keys.
@@ -128,24 +133,6 @@ pub enum WhenFull {
     AcceptUnprotected,
     /// Answer 503 `idempotency-store-full` (counted `evicted`): safety first.
     Reject,
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RawEtcdStore {
-    #[serde(default = "default_cluster")]
-    pub cluster: String,
-    #[serde(default = "default_cluster")]
-    pub authority: String,
-    #[serde(default = "default_prefix")]
-    pub prefix: String,
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    #[serde(default)]
-    pub on_error: OnError,
-    #[serde(default = "default_max_response_bytes")]
-    pub max_response_bytes: usize,
 }
 
 /// What to do when etcd cannot answer within `timeout_ms`.
@@ -266,60 +253,7 @@ impl RawIdempotency {
             s.validate()
                 .map_err(|m| ConfigError::new(format!("scope[{i}]"), m))?;
         }
-        let store = match self.store {
-            RawStore::Local(l) => {
-                if !(1..=MAX_ENTRIES_LIMIT).contains(&l.max_entries) {
-                    return Err(ConfigError::new(
-                        "store.max_entries",
-                        format!("expected 1 to {MAX_ENTRIES_LIMIT}, got {}", l.max_entries),
-                    ));
-                }
-                check_response_limit(l.max_response_bytes)?;
-                Store::Local {
-                    max_entries: l.max_entries,
-                    max_response_bytes: l.max_response_bytes,
-                    when_full: l.when_full,
-                }
-            }
-            RawStore::Etcd(e) => {
-                if e.cluster.is_empty() {
-                    return Err(ConfigError::new(
-                        "store.cluster",
-                        "expected the name of the Envoy cluster that reaches etcd",
-                    ));
-                }
-                if e.authority.is_empty() {
-                    return Err(ConfigError::new(
-                        "store.authority",
-                        "expected a non-empty :authority for requests to etcd",
-                    ));
-                }
-                if !e.prefix.starts_with('/') || e.prefix.len() > 128 {
-                    return Err(ConfigError::new(
-                        "store.prefix",
-                        format!(
-                            "expected a key prefix starting with '/' (at most 128 bytes), got {:?}",
-                            e.prefix
-                        ),
-                    ));
-                }
-                if !(1..=60_000).contains(&e.timeout_ms) {
-                    return Err(ConfigError::new(
-                        "store.timeout_ms",
-                        format!("expected 1 to 60000, got {}", e.timeout_ms),
-                    ));
-                }
-                check_response_limit(e.max_response_bytes)?;
-                Store::Etcd {
-                    cluster: e.cluster,
-                    authority: e.authority,
-                    prefix: e.prefix,
-                    timeout_ms: e.timeout_ms,
-                    on_error: e.on_error,
-                    max_response_bytes: e.max_response_bytes,
-                }
-            }
-        };
+        let store = self.store.validate()?;
         Ok(Idempotency {
             header: self.header,
             aliases: self.aliases,
@@ -333,6 +267,94 @@ impl RawIdempotency {
             store,
             store_5xx: self.store_5xx,
         })
+    }
+}
+
+impl RawStore {
+    fn validate(self) -> Result<Store, ConfigError> {
+        let other = |key: &str, kind: &str| {
+            ConfigError::new(
+                format!("store.{key}"),
+                format!("`{key}` applies to the {kind} store only"),
+            )
+        };
+        let max_response_bytes = self
+            .max_response_bytes
+            .unwrap_or_else(default_max_response_bytes);
+        check_response_limit(max_response_bytes)?;
+        match self.kind {
+            StoreKind::Local => {
+                for (key, set) in [
+                    ("cluster", self.cluster.is_some()),
+                    ("authority", self.authority.is_some()),
+                    ("prefix", self.prefix.is_some()),
+                    ("timeout_ms", self.timeout_ms.is_some()),
+                    ("on_error", self.on_error.is_some()),
+                ] {
+                    if set {
+                        return Err(other(key, "etcd"));
+                    }
+                }
+                let max_entries = self.max_entries.unwrap_or_else(default_max_entries);
+                if !(1..=MAX_ENTRIES_LIMIT).contains(&max_entries) {
+                    return Err(ConfigError::new(
+                        "store.max_entries",
+                        format!("expected 1 to {MAX_ENTRIES_LIMIT}, got {max_entries}"),
+                    ));
+                }
+                Ok(Store::Local {
+                    max_entries,
+                    max_response_bytes,
+                    when_full: self.when_full.unwrap_or_default(),
+                })
+            }
+            StoreKind::Etcd => {
+                if self.max_entries.is_some() {
+                    return Err(other("max_entries", "local"));
+                }
+                if self.when_full.is_some() {
+                    return Err(other("when_full", "local"));
+                }
+                let cluster = self.cluster.unwrap_or_else(default_cluster);
+                if cluster.is_empty() {
+                    return Err(ConfigError::new(
+                        "store.cluster",
+                        "expected the name of the Envoy cluster that reaches etcd",
+                    ));
+                }
+                let authority = self.authority.unwrap_or_else(default_cluster);
+                if authority.is_empty() {
+                    return Err(ConfigError::new(
+                        "store.authority",
+                        "expected a non-empty :authority for requests to etcd",
+                    ));
+                }
+                let prefix = self.prefix.unwrap_or_else(default_prefix);
+                if !prefix.starts_with('/') || prefix.len() > 128 {
+                    return Err(ConfigError::new(
+                        "store.prefix",
+                        format!(
+                            "expected a key prefix starting with '/' (at most 128 bytes), got {prefix:?}"
+                        ),
+                    ));
+                }
+                let timeout_ms = self.timeout_ms.unwrap_or_else(default_timeout_ms);
+                if !(1..=60_000).contains(&timeout_ms) {
+                    return Err(ConfigError::new(
+                        "store.timeout_ms",
+                        format!("expected 1 to 60000, got {timeout_ms}"),
+                    ));
+                }
+                Ok(Store::Etcd {
+                    cluster,
+                    authority,
+                    prefix,
+                    timeout_ms,
+                    on_error: self.on_error.unwrap_or_default(),
+                    max_response_bytes,
+                })
+            }
+        }
     }
 }
 
@@ -704,6 +726,19 @@ mod tests {
             (
                 r#"{"store": {"type": "etcd", "timeout_ms": 0}}"#,
                 "idempotency.store.timeout_ms",
+            ),
+            (
+                r#"{"store": {"type": "local", "cluster": "etcd"}}"#,
+                "idempotency.store.cluster",
+            ),
+            (r#"{"store": {"on_error": "allow"}}"#, "idempotency.store.on_error"),
+            (
+                r#"{"store": {"type": "etcd", "max_entries": 5}}"#,
+                "idempotency.store.max_entries",
+            ),
+            (
+                r#"{"store": {"type": "etcd", "when_full": "reject"}}"#,
+                "idempotency.store.when_full",
             ),
         ] {
             assert_eq!(err(json).path, path, "{json}: {}", err(json));
