@@ -52,7 +52,12 @@ impl Resp {
     }
     /// Asserts an application/problem+json body with this status whose type links to `anchor`.
     fn assert_problem(&self, status: u16, anchor: &str) {
-        assert_eq!(self.status, status, "{}", String::from_utf8_lossy(&self.body));
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
         assert_eq!(
             self.headers.get("content-type").unwrap(),
             "application/problem+json"
@@ -171,7 +176,10 @@ async fn retry_is_replayed_mismatch_is_422_and_keys_are_checked() {
         assert_eq!(retry.status, 201);
         assert!(retry.replayed(), "{proto}: idempotent-replayed: true");
         assert_eq!(retry.body, first.body, "{proto}: byte-identical");
-        assert_eq!(retry.headers.get("content-type").unwrap(), "application/json");
+        assert_eq!(
+            retry.headers.get("content-type").unwrap(),
+            "application/json"
+        );
         assert_eq!(retry.headers.get("x-upstream").unwrap(), "payments");
         // The quoted structured-field form and the alias name the same key.
         let quoted = send(
@@ -215,7 +223,11 @@ async fn retry_is_replayed_mismatch_is_422_and_keys_are_checked() {
     // GET is not covered.
     let r = h1().get(s.envoy.url("/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(s.backend.requests().await, 2 + 1, "rejected requests never reach the app");
+    assert_eq!(
+        s.backend.requests().await,
+        2 + 1,
+        "rejected requests never reach the app"
+    );
     assert_eq!(outcome(&s.envoy, "missing_key").await, 1.0);
     assert_eq!(outcome(&s.envoy, "invalid_key").await, 10.0);
     assert_eq!(outcome(&s.envoy, "mismatch").await, 2.0);
@@ -227,15 +239,43 @@ async fn retry_is_replayed_mismatch_is_422_and_keys_are_checked() {
 async fn scopes_are_isolated() {
     let s = setup(|_| {}).await;
     let c = h1();
-    let alice = post(&c, s.envoy.url(PAY), Some("shared"), Some("alice"), &payment(5)).await;
-    let bob = post(&c, s.envoy.url(PAY), Some("shared"), Some("bob"), &payment(5)).await;
+    let alice = post(
+        &c,
+        s.envoy.url(PAY),
+        Some("shared"),
+        Some("alice"),
+        &payment(5),
+    )
+    .await;
+    let bob = post(
+        &c,
+        s.envoy.url(PAY),
+        Some("shared"),
+        Some("bob"),
+        &payment(5),
+    )
+    .await;
     assert_eq!((alice.status, bob.status), (201, 201));
     assert!(!alice.replayed() && !bob.replayed(), "two operations");
     assert_ne!(alice.body, bob.body);
     assert_eq!(s.backend.executions().await["shared"], 2);
     // Each caller gets its own result back, never the other's.
-    let alice2 = post(&c, s.envoy.url(PAY), Some("shared"), Some("alice"), &payment(5)).await;
-    let bob2 = post(&c, s.envoy.url(PAY), Some("shared"), Some("bob"), &payment(5)).await;
+    let alice2 = post(
+        &c,
+        s.envoy.url(PAY),
+        Some("shared"),
+        Some("alice"),
+        &payment(5),
+    )
+    .await;
+    let bob2 = post(
+        &c,
+        s.envoy.url(PAY),
+        Some("shared"),
+        Some("bob"),
+        &payment(5),
+    )
+    .await;
     assert!(alice2.replayed() && alice2.body == alice.body);
     assert!(bob2.replayed() && bob2.body == bob.body);
     // No scope at all is a third namespace.
@@ -267,21 +307,25 @@ async fn a_5xx_releases_the_key_and_a_retry_executes_again() {
     {
         assert!(r.bytes().await.is_err(), "the body is cut short");
     }
-    support::wait_for("a retry after the reset to be forwarded", Duration::from_secs(20), || {
-        let url = url.clone();
-        async move {
-            let r = h1()
-                .post(url)
-                .header("idempotency-key", "resets")
-                .json(&payment(7))
-                .send()
-                .await;
-            match r {
-                Ok(r) if r.status() == 409 => None,
-                _ => Some(()),
+    support::wait_for(
+        "a retry after the reset to be forwarded",
+        Duration::from_secs(20),
+        || {
+            let url = url.clone();
+            async move {
+                let r = h1()
+                    .post(url)
+                    .header("idempotency-key", "resets")
+                    .json(&payment(7))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 409 => None,
+                    _ => Some(()),
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     assert_eq!(s.backend.executions().await["resets"], 2);
     assert_eq!(outcome(&s.envoy, "first").await, 4.0);
@@ -295,25 +339,31 @@ async fn an_abandoned_lock_times_out() {
         let url = url.clone();
         async move { post(&h1(), url, Some("slow"), None, &payment(3)).await }
     });
-    support::wait_for("the first request to reach the app", Duration::from_secs(20), || async {
-        (s.backend.executions().await.get("slow") == Some(&1)).then_some(())
-    })
+    support::wait_for(
+        "the first request to reach the app",
+        Duration::from_secs(20),
+        || async { (s.backend.executions().await.get("slow") == Some(&1)).then_some(()) },
+    )
     .await;
     // While the first request holds the lock, retries are 409; once the lock is older than
     // lock_timeout_s a retry takes it over and is forwarded.
-    let taken_over = support::wait_for("a retry past the lock timeout", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move {
-            let r = post(&h2(), url, Some("slow"), None, &payment(3)).await;
-            match r.status {
-                409 => {
-                    r.assert_problem(409, "idempotency-in-flight");
-                    None
+    let taken_over = support::wait_for(
+        "a retry past the lock timeout",
+        Duration::from_secs(30),
+        || {
+            let url = url.clone();
+            async move {
+                let r = post(&h2(), url, Some("slow"), None, &payment(3)).await;
+                match r.status {
+                    409 => {
+                        r.assert_problem(409, "idempotency-in-flight");
+                        None
+                    }
+                    _ => Some(r),
                 }
-                _ => Some(r),
             }
-        }
-    })
+        },
+    )
     .await;
     assert_eq!(taken_over.status, 201);
     assert!(!taken_over.replayed());
@@ -343,7 +393,12 @@ async fn a_full_store_follows_when_full() {
     // One slot: the second live key finds the store full.
     let s = setup(|c| c["store"]["max_entries"] = json!(1)).await;
     let c = h1();
-    assert_eq!(post(&c, s.envoy.url(PAY), Some("k1"), None, &payment(1)).await.status, 201);
+    assert_eq!(
+        post(&c, s.envoy.url(PAY), Some("k1"), None, &payment(1))
+            .await
+            .status,
+        201
+    );
     let r = post(&c, s.envoy.url(PAY), Some("k2"), None, &payment(1)).await;
     assert_eq!(r.status, 201, "accept_unprotected forwards");
     let r = post(&c, s.envoy.url(PAY), Some("k2"), None, &payment(1)).await;
@@ -359,7 +414,12 @@ async fn a_full_store_follows_when_full() {
         c["store"]["when_full"] = json!("reject");
     })
     .await;
-    assert_eq!(post(&c, s.envoy.url(PAY), Some("k1"), None, &payment(1)).await.status, 201);
+    assert_eq!(
+        post(&c, s.envoy.url(PAY), Some("k1"), None, &payment(1))
+            .await
+            .status,
+        201
+    );
     let r = post(&c, s.envoy.url(PAY), Some("k2"), None, &payment(1)).await;
     r.assert_problem(503, "idempotency-store-full");
     assert!(!s.backend.executions().await.contains_key("k2"));
@@ -369,7 +429,8 @@ async fn a_full_store_follows_when_full() {
 async fn an_invalid_section_is_refused_with_its_path() {
     let mut config = support::fixture_plugin_config("idempotency");
     config["idempotency"]["lock_timeout_s"] = json!(0);
-    let log = Envoy::start_expecting_failure(EnvoyOpts::new("idempotency").plugin_config(config)).await;
+    let log =
+        Envoy::start_expecting_failure(EnvoyOpts::new("idempotency").plugin_config(config)).await;
     assert!(
         log.contains("invalid configuration at `idempotency.lock_timeout_s`"),
         "{log}"

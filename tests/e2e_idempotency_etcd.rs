@@ -61,7 +61,11 @@ async fn a_retry_on_another_envoy_is_replayed() {
         let r = post(&client, envoy.url(PAY), "cross-1", &payment(20)).await;
         assert_eq!(r.status(), 201);
         assert_eq!(r.headers()["idempotent-replayed"], "true");
-        assert_eq!(r.bytes().await.unwrap(), first_body, "byte-identical replay");
+        assert_eq!(
+            r.bytes().await.unwrap(),
+            first_body,
+            "byte-identical replay"
+        );
     }
     // A different payload under the same key, on the other Envoy.
     let r = post(&h1(), b.url(PAY), "cross-1", &payment(21)).await;
@@ -70,19 +74,40 @@ async fn a_retry_on_another_envoy_is_replayed() {
 
     // In flight on A: a duplicate on B is a 409.
     let slow_url = a.url(&format!("{PAY}?delay_ms=1500"));
-    let slow = tokio::spawn(async move { post(&h1(), slow_url, "cross-2", &payment(1)).await.status() });
-    support::wait_for("the first request to reach the app", std::time::Duration::from_secs(20), || async {
-        (backend.executions().await.get("cross-2") == Some(&1)).then_some(())
-    })
+    let slow =
+        tokio::spawn(async move { post(&h1(), slow_url, "cross-2", &payment(1)).await.status() });
+    support::wait_for(
+        "the first request to reach the app",
+        std::time::Duration::from_secs(20),
+        || async { (backend.executions().await.get("cross-2") == Some(&1)).then_some(()) },
+    )
     .await;
-    let dup = post(&h2(), b.url(&format!("{PAY}?delay_ms=1500")), "cross-2", &payment(1)).await;
+    let dup = post(
+        &h2(),
+        b.url(&format!("{PAY}?delay_ms=1500")),
+        "cross-2",
+        &payment(1),
+    )
+    .await;
     assert_eq!(dup.status(), 409);
     assert_eq!(slow.await.unwrap(), 201);
 
     // A 5xx releases the key in etcd: a retry on the other Envoy executes again.
-    let r = post(&h1(), a.url(&format!("{PAY}?status=500")), "cross-3", &payment(2)).await;
+    let r = post(
+        &h1(),
+        a.url(&format!("{PAY}?status=500")),
+        "cross-3",
+        &payment(2),
+    )
+    .await;
     assert_eq!(r.status(), 500);
-    let r = post(&h1(), b.url(&format!("{PAY}?status=500")), "cross-3", &payment(2)).await;
+    let r = post(
+        &h1(),
+        b.url(&format!("{PAY}?status=500")),
+        "cross-3",
+        &payment(2),
+    )
+    .await;
     assert_eq!(r.status(), 500);
 
     let executions = backend.executions().await;
@@ -90,7 +115,10 @@ async fn a_retry_on_another_envoy_is_replayed() {
     assert_eq!(executions["cross-2"], 1);
     assert_eq!(executions["cross-3"], 2);
     assert_eq!(outcome(&a, "first").await + outcome(&b, "first").await, 4.0);
-    assert_eq!(outcome(&a, "replayed").await + outcome(&b, "replayed").await, 3.0);
+    assert_eq!(
+        outcome(&a, "replayed").await + outcome(&b, "replayed").await,
+        3.0
+    );
     assert_eq!(outcome(&b, "in_flight_conflict").await, 1.0);
     assert_eq!(outcome(&b, "mismatch").await, 1.0);
     // Records live under the prefix: cross-1 and cross-2 (cross-3 was released).
@@ -116,7 +144,10 @@ async fn with_etcd_down_on_error_decides() {
         .as_str()
         .unwrap()
         .ends_with("#idempotency-store-unavailable"));
-    assert!(!backend.executions().await.contains_key("down-1"), "not forwarded");
+    assert!(
+        !backend.executions().await.contains_key("down-1"),
+        "not forwarded"
+    );
     assert_eq!(outcome(&reject, "store_error").await, 1.0);
 
     for client in [h1(), h2()] {

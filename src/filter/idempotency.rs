@@ -443,8 +443,8 @@ pub fn on_http_call_response(http: &mut Http, token: u32, num_headers: usize, bo
         return;
     };
     // No headers: the callout failed or timed out.
-    let ok = num_headers > 0
-        && http.get_http_call_response_header(":status").as_deref() == Some("200");
+    let ok =
+        num_headers > 0 && http.get_http_call_response_header(":status").as_deref() == Some("200");
     let body = if ok {
         http.get_http_call_response_body(0, body_size)
             .unwrap_or_default()
@@ -591,7 +591,10 @@ pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
     let Some(store_5xx) = http.config.idempotency.as_ref().map(|i| i.store_5xx) else {
         return Action::Continue;
     };
-    if !matches!(http.idempotency.as_ref(), Some(Pending { lock: Some(_), .. })) {
+    if !matches!(
+        http.idempotency.as_ref(),
+        Some(Pending { lock: Some(_), .. })
+    ) {
         return Action::Continue;
     }
     let status = http
@@ -650,7 +653,9 @@ pub fn on_response_body(http: &mut Http, body_size: usize, end_of_stream: bool) 
         })
     );
     if capturing && body_size > 0 {
-        let chunk = http.get_http_response_body(0, body_size).unwrap_or_default();
+        let chunk = http
+            .get_http_response_body(0, body_size)
+            .unwrap_or_default();
         if let Some(c) = http.idempotency.as_mut().and_then(|p| p.capture.as_mut()) {
             if c.response.encoded_len() + chunk.len() > max {
                 c.oversized = true;
@@ -660,7 +665,15 @@ pub fn on_response_body(http: &mut Http, body_size: usize, end_of_stream: bool) 
             }
         }
     }
-    if end_of_stream && matches!(http.idempotency.as_ref(), Some(Pending { capture: Some(_), .. })) {
+    if end_of_stream
+        && matches!(
+            http.idempotency.as_ref(),
+            Some(Pending {
+                capture: Some(_),
+                ..
+            })
+        )
+    {
         return complete(http);
     }
     Action::Continue
@@ -754,7 +767,10 @@ fn release(http: &mut Http) {
 /// The stream is over. A lock still held means the upstream never completed a response
 /// (reset, timeout, client gone): release it.
 pub fn on_log(http: &mut Http) {
-    if matches!(http.idempotency.as_ref(), Some(Pending { lock: Some(_), .. })) {
+    if matches!(
+        http.idempotency.as_ref(),
+        Some(Pending { lock: Some(_), .. })
+    ) {
         debug!(
             "handoff[{}]: idempotency: stream ended without a complete response, lock released",
             http.context_id

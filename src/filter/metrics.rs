@@ -43,7 +43,12 @@ impl Metrics {
             canary_override_rejected: counter("handoff_canary_override_rejected"),
             idempotency_outcomes: Outcome::ALL
                 .iter()
-                .map(|o| counter(&format!("handoff_idempotency_outcomes.outcome.{}", o.as_str())))
+                .map(|o| {
+                    counter(&format!(
+                        "handoff_idempotency_outcomes.outcome.{}",
+                        o.as_str()
+                    ))
+                })
                 .collect(),
             idempotency_slots_used: hostcalls::define_metric(
                 MetricType::Gauge,

@@ -211,9 +211,15 @@ mod tests {
         assert_eq!(v["compare"][0]["target"], "CREATE");
         assert_eq!(v["compare"][0]["create_revision"], "0");
         assert_eq!(v["compare"][0]["key"], STANDARD.encode("/p/k"));
-        assert_eq!(v["success"][0]["request_put"]["value"], STANDARD.encode("rec"));
+        assert_eq!(
+            v["success"][0]["request_put"]["value"],
+            STANDARD.encode("rec")
+        );
         assert_eq!(v["success"][0]["request_put"]["lease"], "42");
-        assert_eq!(v["failure"][0]["request_range"]["key"], STANDARD.encode("/p/k"));
+        assert_eq!(
+            v["failure"][0]["request_range"]["key"],
+            STANDARD.encode("/p/k")
+        );
         let v: Value = serde_json::from_slice(&put_if_revision("/p/k", 7, b"x", 1)).unwrap();
         assert_eq!(v["compare"][0]["target"], "MOD");
         assert_eq!(v["compare"][0]["mod_revision"], "7");
@@ -258,7 +264,10 @@ mod tests {
             parse_txn(br#"{ "header": {"revision": "4"}, "succeeded" : true }"#),
             Some(TxnResult::Written { revision: 4 })
         );
-        assert_eq!(string_field(r#"{"mod_revision":"9","revision":"3"}"#, "revision"), Some("3"));
+        assert_eq!(
+            string_field(r#"{"mod_revision":"9","revision":"3"}"#, "revision"),
+            Some("3")
+        );
     }
 
     proptest! {

@@ -126,7 +126,10 @@ mod tests {
             parse_key("clé".as_bytes(), 255),
             Err(KeyError::NotVisibleAscii)
         );
-        assert_eq!(parse_key(&[0xff, 0x41], 255), Err(KeyError::NotVisibleAscii));
+        assert_eq!(
+            parse_key(&[0xff, 0x41], 255),
+            Err(KeyError::NotVisibleAscii)
+        );
         assert_eq!(parse_key(b"\"abc", 255), Err(KeyError::BadQuoting));
         assert_eq!(parse_key(b"\"a\"b", 255), Err(KeyError::BadQuoting));
         assert_eq!(parse_key(b"\"a\\x\"", 255), Err(KeyError::BadQuoting));

@@ -188,7 +188,9 @@ impl LocalStore {
     fn still_ours(&self, slots: &dyn Slots, lock: &LocalLock) -> Option<Option<u32>> {
         let (value, cas) = slots.get_meta(lock.slot);
         let meta = value.as_deref().and_then(Meta::decode)?;
-        (meta.state == State::InFlight && meta.key == lock.meta.key && meta.owner == lock.meta.owner)
+        (meta.state == State::InFlight
+            && meta.key == lock.meta.key
+            && meta.owner == lock.meta.owner)
             .then_some(cas)
     }
 

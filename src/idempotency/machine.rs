@@ -134,9 +134,15 @@ mod tests {
     #[test]
     fn records() {
         let l = lock_record([3; 32], FP, 9, 100, 30);
-        assert_eq!((l.state, l.expires_at_ms, l.owner), (State::InFlight, 130, 9));
+        assert_eq!(
+            (l.state, l.expires_at_ms, l.owner),
+            (State::InFlight, 130, 9)
+        );
         let c = completed_record(&l, true, 200, 1000);
-        assert_eq!((c.state, c.expires_at_ms, c.owner), (State::Completed, 1200, 9));
+        assert_eq!(
+            (c.state, c.expires_at_ms, c.owner),
+            (State::Completed, 1200, 9)
+        );
         assert_eq!(
             completed_record(&l, false, 200, 1000).state,
             State::Unreplayable

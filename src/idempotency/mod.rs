@@ -693,7 +693,10 @@ mod tests {
             (r#"{"methods": []}"#, "idempotency.methods"),
             (r#"{"methods": ["post"]}"#, "idempotency.methods[0]"),
             (r#"{"path_prefixes": []}"#, "idempotency.path_prefixes"),
-            (r#"{"path_prefixes": ["api"]}"#, "idempotency.path_prefixes[0]"),
+            (
+                r#"{"path_prefixes": ["api"]}"#,
+                "idempotency.path_prefixes[0]",
+            ),
             (r#"{"max_key_length": 0}"#, "idempotency.max_key_length"),
             (r#"{"max_key_length": 5000}"#, "idempotency.max_key_length"),
             (r#"{"ttl_s": 0}"#, "idempotency.ttl_s"),
@@ -731,7 +734,10 @@ mod tests {
                 r#"{"store": {"type": "local", "cluster": "etcd"}}"#,
                 "idempotency.store.cluster",
             ),
-            (r#"{"store": {"on_error": "allow"}}"#, "idempotency.store.on_error"),
+            (
+                r#"{"store": {"on_error": "allow"}}"#,
+                "idempotency.store.on_error",
+            ),
             (
                 r#"{"store": {"type": "etcd", "max_entries": 5}}"#,
                 "idempotency.store.max_entries",
@@ -777,19 +783,18 @@ mod tests {
         let c = cfg(r#"{"path_prefixes": ["/api/"], "scope": [{"header": "x-user-id"}]}"#);
         let req = FakeRequest::default();
         let none = headers(&[]);
-        assert_eq!(
-            c.check("GET", "/api/x", &none, &req),
-            KeyCheck::NotCovered
-        );
-        assert_eq!(
-            c.check("POST", "/other", &none, &req),
-            KeyCheck::NotCovered
-        );
+        assert_eq!(c.check("GET", "/api/x", &none, &req), KeyCheck::NotCovered);
+        assert_eq!(c.check("POST", "/other", &none, &req), KeyCheck::NotCovered);
         match c.check("POST", "/api/x?a=1", &none, &req) {
             KeyCheck::Reject(Outcome::MissingKey, r) => assert_eq!(r.status, 400),
             other => panic!("{other:?}"),
         }
-        match c.check("POST", "/api/x", &headers(&[("idempotency-key", "a b")]), &req) {
+        match c.check(
+            "POST",
+            "/api/x",
+            &headers(&[("idempotency-key", "a b")]),
+            &req,
+        ) {
             KeyCheck::Reject(Outcome::InvalidKey, r) => assert_eq!(r.status, 400),
             other => panic!("{other:?}"),
         }
@@ -799,13 +804,15 @@ mod tests {
             &headers(&[("x-idempotency-key", "\"k1\"")]),
             &req,
         );
-        let direct = c.check("POST", "/api/x", &headers(&[("idempotency-key", "k1")]), &req);
+        let direct = c.check(
+            "POST",
+            "/api/x",
+            &headers(&[("idempotency-key", "k1")]),
+            &req,
+        );
         assert_eq!(via_alias, direct);
         let optional = cfg(r#"{"required": false}"#);
-        assert_eq!(
-            optional.check("POST", "/", &none, &req),
-            KeyCheck::Optional
-        );
+        assert_eq!(optional.check("POST", "/", &none, &req), KeyCheck::Optional);
     }
 
     #[test]
