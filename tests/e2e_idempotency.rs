@@ -282,6 +282,21 @@ async fn scopes_are_isolated() {
     let anon = post(&c, s.envoy.url(PAY), Some("shared"), None, &payment(5)).await;
     assert!(!anon.replayed());
     assert_eq!(s.backend.executions().await["shared"], 3);
+    // A scope value that is not UTF-8 counts as absent (and never breaks the filter).
+    for client in [h1(), h2()] {
+        let r = send(
+            client
+                .post(s.envoy.url(PAY))
+                .header("idempotency-key", "shared")
+                .header("x-user-id", HeaderValue::from_bytes(&[0xff, b'u']).unwrap())
+                .json(&payment(5)),
+        )
+        .await;
+        assert!(
+            r.replayed() && r.body == anon.body,
+            "the anonymous namespace"
+        );
+    }
 }
 
 #[tokio::test]

@@ -147,8 +147,14 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
     let Some(idem) = config.idempotency.as_ref() else {
         return Action::Continue;
     };
-    let method = http.get_http_request_header(":method").unwrap_or_default();
-    let path = http.get_http_request_header(":path").unwrap_or_default();
+    // Bytes, read lossily: the SDK's string getter panics on a non-UTF-8 value.
+    let text = |name: &str| {
+        http.get_http_request_header_bytes(name)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    let method = text(":method");
+    let path = text(":path");
     let read = |name: &str| http.get_http_request_header_bytes(name);
     match idem.check(&method, &path, &read, &HostRequest) {
         KeyCheck::NotCovered | KeyCheck::Optional => Action::Continue,
@@ -598,8 +604,8 @@ pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
         return Action::Continue;
     }
     let status = http
-        .get_http_response_header(":status")
-        .and_then(|s| s.parse::<u16>().ok())
+        .get_http_response_header_bytes(":status")
+        .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
         .unwrap_or(0);
     if !stores_status(status, store_5xx) {
         debug!(
