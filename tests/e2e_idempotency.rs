@@ -195,6 +195,21 @@ async fn retry_is_replayed_mismatch_is_422_and_keys_are_checked() {
         other.assert_problem(422, "idempotency-mismatch");
         assert_eq!(s.backend.executions().await[&key], 1, "{proto}");
     }
+    // A covered request without a body is decided on its headers alone.
+    for (proto, client) in support::clients() {
+        let key = format!("empty-{proto}");
+        let send_empty = || {
+            send(
+                client
+                    .post(s.envoy.url("/echo"))
+                    .header("idempotency-key", &key),
+            )
+        };
+        let first = send_empty().await;
+        assert_eq!(first.status, 200, "{proto}");
+        let again = send_empty().await;
+        assert!(again.replayed() && again.body == first.body, "{proto}");
+    }
     // Missing key.
     let r = post(&h1(), s.envoy.url(PAY), None, None, &payment(1)).await;
     r.assert_problem(400, "idempotency-missing-key");
@@ -225,14 +240,14 @@ async fn retry_is_replayed_mismatch_is_422_and_keys_are_checked() {
     assert_eq!(r.status(), 200);
     assert_eq!(
         s.backend.requests().await,
-        2 + 1,
+        2 + 2 + 1,
         "rejected requests never reach the app"
     );
     assert_eq!(outcome(&s.envoy, "missing_key").await, 1.0);
     assert_eq!(outcome(&s.envoy, "invalid_key").await, 10.0);
     assert_eq!(outcome(&s.envoy, "mismatch").await, 2.0);
-    assert_eq!(outcome(&s.envoy, "replayed").await, 4.0);
-    assert_eq!(outcome(&s.envoy, "first").await, 2.0);
+    assert_eq!(outcome(&s.envoy, "replayed").await, 6.0);
+    assert_eq!(outcome(&s.envoy, "first").await, 4.0);
 }
 
 #[tokio::test]

@@ -11,8 +11,18 @@ use support::{h1, h2, Backend, Envoy, EnvoyOpts};
 const PAY: &str = "/api/v1/payments";
 
 async fn envoy(backend: &Backend, etcd_port: u16, on_error: &str) -> Envoy {
+    envoy_with(backend, etcd_port, on_error, 30).await
+}
+
+async fn envoy_with(
+    backend: &Backend,
+    etcd_port: u16,
+    on_error: &str,
+    lock_timeout_s: u64,
+) -> Envoy {
     let mut config = support::fixture_plugin_config("idempotency-etcd");
     config["idempotency"]["store"]["on_error"] = json!(on_error);
+    config["idempotency"]["lock_timeout_s"] = json!(lock_timeout_s);
     // Generous for a loaded CI machine; the fixture's 250 ms is the production default.
     config["idempotency"]["store"]["timeout_ms"] = json!(2000);
     Envoy::start(
@@ -157,4 +167,48 @@ async fn with_etcd_down_on_error_decides() {
     }
     assert_eq!(backend.executions().await["down-2"], 2);
     assert_eq!(outcome(&allow, "store_error").await, 2.0);
+}
+
+#[tokio::test]
+async fn an_abandoned_lock_is_taken_over_through_etcd() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start("payments", "v1");
+    let a = envoy_with(&backend, etcd.client_port, "reject", 1).await;
+    let b = envoy_with(&backend, etcd.client_port, "reject", 1).await;
+    let url_a = a.url(&format!("{PAY}?delay_ms=2500"));
+    let slow = tokio::spawn(async move { post(&h1(), url_a, "stale", &payment(4)).await.status() });
+    support::wait_for(
+        "the first request to reach the app",
+        std::time::Duration::from_secs(20),
+        || async { (backend.executions().await.get("stale") == Some(&1)).then_some(()) },
+    )
+    .await;
+    // Retries on the other Envoy: 409 while the lock is fresh, then one takes it over.
+    let url_b = b.url(&format!("{PAY}?delay_ms=2500"));
+    let status = support::wait_for(
+        "a retry past the lock timeout",
+        std::time::Duration::from_secs(30),
+        || {
+            let url = url_b.clone();
+            async move {
+                let r = post(&h2(), url, "stale", &payment(4)).await;
+                (r.status() != 409).then_some(r.status())
+            }
+        },
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(slow.await.unwrap(), 201);
+    assert_eq!(backend.executions().await["stale"], 2);
+    // The taker's completion is the stored one; the first request's late completion lost
+    // its lock and changed nothing.
+    let r = post(
+        &h1(),
+        a.url(&format!("{PAY}?delay_ms=2500")),
+        "stale",
+        &payment(4),
+    )
+    .await;
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(backend.executions().await["stale"], 2);
 }
