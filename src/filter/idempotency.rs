@@ -177,7 +177,7 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
                 capture: None,
             });
             if end_of_stream {
-                decide_now(http, idem, 0)
+                decide_now(http, idem, false)
             } else {
                 // The decision needs the whole body. Envoy turns a paused request-headers
                 // callback into "stop all iteration" (no body callbacks until resumed), so the
@@ -203,7 +203,7 @@ pub fn on_request_body(http: &mut Http, body_size: usize, end_of_stream: bool) -
     }
     let config = http.config.clone();
     match config.idempotency.as_ref() {
-        Some(idem) => decide_now(http, idem, body_size),
+        Some(idem) => decide_now(http, idem, body_size > 0),
         None => Action::Continue,
     }
 }
@@ -217,23 +217,19 @@ pub fn on_request_trailers(http: &mut Http) -> Action {
         return Action::Continue;
     }
     let config = http.config.clone();
-    let size = http
-        .get_http_request_body(0, usize::MAX)
-        .map(|b| b.len())
-        .unwrap_or(0);
     match config.idempotency.as_ref() {
-        Some(idem) => decide_now(http, idem, size),
+        Some(idem) => decide_now(http, idem, true),
         None => Action::Continue,
     }
 }
 
-/// The request body exactly as it is forwarded upstream (after any request rewriting done
-/// earlier in this filter): what the fingerprint hashes.
-pub fn forwarded_request_body(http: &Http, body_size: usize) -> Vec<u8> {
-    if body_size == 0 {
-        return Vec::new();
-    }
-    http.get_http_request_body(0, body_size).unwrap_or_default()
+/// The request body exactly as it is forwarded upstream: the whole buffered body as it is
+/// now, so a rewrite done earlier in this callback (translation) is what gets hashed, whatever
+/// its new size.
+pub fn forwarded_request_body(http: &Http) -> Vec<u8> {
+    // Envoy clamps the length to the buffer; u32::MAX is "all of it" on wasm32.
+    http.get_http_request_body(0, u32::MAX as usize)
+        .unwrap_or_default()
 }
 
 /// The `:method` and `:path` as forwarded upstream (as they were when the request headers
@@ -245,8 +241,12 @@ pub fn forwarded_request_path(http: &Http) -> (String, String) {
         .unwrap_or_default()
 }
 
-fn decide_now(http: &mut Http, idem: &Idempotency, body_size: usize) -> Action {
-    let body = forwarded_request_body(http, body_size);
+fn decide_now(http: &mut Http, idem: &Idempotency, has_body: bool) -> Action {
+    let body = if has_body {
+        forwarded_request_body(http)
+    } else {
+        Vec::new()
+    };
     let (method, path) = forwarded_request_path(http);
     let fp = fingerprint(&method, &path, &body);
     drop(body);
