@@ -685,6 +685,20 @@ pub fn on_response_body(http: &mut Http, body_size: usize, end_of_stream: bool) 
     Action::Continue
 }
 
+/// Trailers end a response that has them (they are not stored).
+pub fn on_response_trailers(http: &mut Http) -> Action {
+    if matches!(
+        http.idempotency.as_ref(),
+        Some(Pending {
+            capture: Some(_),
+            ..
+        })
+    ) {
+        return complete(http);
+    }
+    Action::Continue
+}
+
 /// Stores the completed record. With etcd the response is held until etcd confirms, so that a
 /// retry sent right after the response is replayed.
 fn complete(http: &mut Http) -> Action {

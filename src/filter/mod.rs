@@ -136,6 +136,10 @@ impl HttpContext for Http {
         idempotency::on_response_body(self, body_size, end_of_stream)
     }
 
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        idempotency::on_response_trailers(self)
+    }
+
     fn on_log(&mut self) {
         idempotency::on_log(self);
     }
