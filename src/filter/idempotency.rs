@@ -33,6 +33,25 @@ use crate::problem::Reply;
 /// Takeover / lock transactions retried after a lost race before answering 409.
 const ETCD_ATTEMPTS: u8 = 3;
 
+/// How long a worker reuses one etcd lease for the records it writes. Leases are not granted
+/// per request (etcd keeps every lease in memory until it expires): a worker holds at most
+/// `ttl_s / LEASE_REUSE_S + 1` leases, and a record lives between `ttl_s` and
+/// `ttl_s + LEASE_REUSE_S` seconds.
+const LEASE_REUSE_S: u64 = 60;
+
+std::thread_local! {
+    /// This worker's current lease: (id, granted at ms).
+    static LEASE: std::cell::Cell<Option<(i64, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// The cached lease if it is still fresh enough to carry a record for `ttl_s`.
+fn cached_lease(now: u64) -> Option<i64> {
+    LEASE
+        .get()
+        .filter(|(_, at)| now.saturating_sub(*at) < LEASE_REUSE_S * 1000)
+        .map(|(id, _)| id)
+}
+
 /// Per-request state.
 pub struct Pending {
     store_key: [u8; 32],
@@ -262,7 +281,10 @@ fn decide_now(http: &mut Http, idem: &Idempotency, has_body: bool) -> Action {
                 when_full,
                 ..
             } => local_begin(http, idem, *max_entries, *when_full),
-            Store::Etcd { .. } => etcd_send(http, idem, EtcdStep::Lease, Vec::new()),
+            Store::Etcd { .. } => match cached_lease(now_ms()) {
+                Some(lease) => etcd_lock(http, idem, lease, 0, None),
+                None => etcd_send(http, idem, EtcdStep::Lease, Vec::new()),
+            },
         }
     };
     match step {
@@ -388,7 +410,10 @@ fn etcd_send(http: &mut Http, idem: &Idempotency, step: EtcdStep, body: Vec<u8>)
         return Step::Forward;
     };
     let (path, body) = match step {
-        EtcdStep::Lease => (etcd::LEASE_GRANT, etcd::lease_grant(idem.ttl_s)),
+        EtcdStep::Lease => (
+            etcd::LEASE_GRANT,
+            etcd::lease_grant(idem.ttl_s + LEASE_REUSE_S),
+        ),
         _ => (etcd::TXN, body),
     };
     let token = http.dispatch_http_call(
@@ -424,6 +449,8 @@ fn etcd_send(http: &mut Http, idem: &Idempotency, step: EtcdStep, body: Vec<u8>)
 }
 
 fn store_error(http: &mut Http, idem: &Idempotency) -> Step {
+    // The lease may be the problem (etcd lost it): grant a new one next time.
+    LEASE.set(None);
     http.metrics.idempotency_outcome(Outcome::StoreError);
     if let Some(p) = http.idempotency.as_mut() {
         p.lock = None;
@@ -468,7 +495,10 @@ pub fn on_http_call_response(http: &mut Http, token: u32, num_headers: usize, bo
     match step {
         EtcdStep::Lease => {
             let step = match etcd::parse_lease(&body) {
-                Some(lease) => etcd_lock(http, idem, lease, 0, None),
+                Some(lease) => {
+                    LEASE.set(Some((lease, now_ms())));
+                    etcd_lock(http, idem, lease, 0, None)
+                }
                 None => store_error(http, idem),
             };
             apply_async(http, step);
