@@ -8,6 +8,10 @@
 //!   request as it goes upstream. Run request rewriting BEFORE [`on_request_body`].
 //! - [`on_response_headers`] / [`on_response_body`] capture the upstream's response: run them
 //!   BEFORE any response rewriting, so the stored record is the backend's own response.
+//!   [`on_response_body`] appends the `body_size` bytes it is shown to the capture, so it must
+//!   see each byte once: call it on every chunk when nothing buffers the response (the body
+//!   callbacks return `Continue`), or only at end of stream, with the whole buffered body, when
+//!   a rewrite buffers it (returns `Pause` until the end).
 //! - [`replay`]: every replay goes through it; translate the stored response for the client
 //!   there.
 
