@@ -272,6 +272,12 @@ mod tests {
 
     proptest! {
         #[test]
+        fn parsing_any_answer_never_panics(body in ".{0,200}") {
+            let _ = parse_txn(body.as_bytes());
+            let _ = parse_lease(body.as_bytes());
+        }
+
+        #[test]
         fn base64_matches_the_reference(b in proptest::collection::vec(any::<u8>(), 0..100)) {
             prop_assert_eq!(b64_encode(&b), STANDARD.encode(&b));
             prop_assert_eq!(b64_decode(&STANDARD.encode(&b)), Some(b));
