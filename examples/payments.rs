@@ -150,7 +150,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     let is_admin = path.starts_with("/_admin/");
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => Bytes::new(),
+        // The client (or the proxy) aborted the request before its body was complete: like a
+        // real application, do not execute it.
+        Err(_) => {
+            return Ok(Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .body(full("request body aborted"))
+                .expect("valid response"))
+        }
     };
 
     if is_admin {

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use std::fmt;
 
 use crate::canary::{Canary, RawCanary};
+use crate::idempotency::{Idempotency, RawIdempotency};
 use crate::translate::{Backend, RawTranslate, Translate};
 
 /// The configuration as written. Each absent section switches its capability off.
@@ -15,6 +16,7 @@ use crate::translate::{Backend, RawTranslate, Translate};
 pub struct RawConfig {
     pub canary: Option<RawCanary>,
     pub translate: Option<RawTranslate>,
+    pub idempotency: Option<RawIdempotency>,
 }
 
 /// The validated configuration the filter runs with.
@@ -22,6 +24,7 @@ pub struct RawConfig {
 pub struct Config {
     pub canary: Option<Canary>,
     pub translate: Option<Translate>,
+    pub idempotency: Option<Idempotency>,
 }
 
 /// A rejected configuration: the JSON path (`canary.user_id[0]`) and what was expected.
@@ -92,6 +95,9 @@ impl Config {
         if let Some(t) = &self.translate {
             on.push(format!("translate {} route(s)", t.routes.len()));
         }
+        if let Some(i) = &self.idempotency {
+            on.push(format!("idempotency ({})", i.store_summary()));
+        }
         if on.is_empty() {
             "no capability configured (pass-through)".to_string()
         } else {
@@ -101,7 +107,7 @@ impl Config {
 
     /// True when no capability is switched on: the filter passes everything through.
     pub fn is_empty(&self) -> bool {
-        self.canary.is_none() && self.translate.is_none()
+        self.canary.is_none() && self.translate.is_none() && self.idempotency.is_none()
     }
 }
 
@@ -131,7 +137,15 @@ impl TryFrom<RawConfig> for Config {
                 ));
             }
         }
-        Ok(Config { canary, translate })
+        let idempotency = raw
+            .idempotency
+            .map(|c| c.validate().map_err(|e| e.within("idempotency")))
+            .transpose()?;
+        Ok(Config {
+            canary,
+            translate,
+            idempotency,
+        })
     }
 }
 

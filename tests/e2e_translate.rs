@@ -631,6 +631,7 @@ async fn invalid_translate_configs_are_refused_with_one_log_line() {
 #[tokio::test]
 async fn the_demo_translates_for_canary_users_only() {
     // envoy/demo.yaml: canary (allow u-1, deny u-2) routes by cohort; translate follows it.
+    // The demo also enforces Idempotency-Key on POSTs under /api/: each request gets its own.
     let stable = Backend::start("stable", "v1");
     let canary = Backend::start("canary", "v2");
     let envoy = Envoy::start(
@@ -644,6 +645,7 @@ async fn the_demo_translates_for_canary_users_only() {
         let post = |user: &str| {
             c.post(envoy.url("/api/v1/payments"))
                 .header("x-user-id", user)
+                .header("idempotency-key", format!("demo-{proto}-{user}"))
                 .header("content-type", "application/json")
                 .body(v1_body.to_string())
         };

@@ -14,9 +14,12 @@ pub struct HostRequest;
 
 impl RequestView for HostRequest {
     fn header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+        // Bytes, not `get_map_value`: the SDK panics (and the VM dies) on a header value that
+        // is not UTF-8, which any client can send. Such a value counts as absent.
+        let bytes = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
             .ok()
-            .flatten()
+            .flatten()?;
+        String::from_utf8(bytes).ok()
     }
 
     fn path(&self) -> Option<String> {

@@ -10,12 +10,15 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use crate::canary::{Reason, Variant};
+use crate::idempotency::Outcome;
 
 pub struct Metrics {
     canary_decisions: Vec<u32>,
     canary_override_rejected: u32,
     /// Counters whose labels come from the configuration (route names), defined on first use.
     by_name: RefCell<HashMap<String, u32>>,
+    idempotency_outcomes: Vec<u32>,
+    idempotency_slots_used: u32,
 }
 
 fn counter(name: &str) -> u32 {
@@ -43,6 +46,20 @@ impl Metrics {
             canary_decisions,
             canary_override_rejected: counter("handoff_canary_override_rejected"),
             by_name: RefCell::new(HashMap::new()),
+            idempotency_outcomes: Outcome::ALL
+                .iter()
+                .map(|o| {
+                    counter(&format!(
+                        "handoff_idempotency_outcomes.outcome.{}",
+                        o.as_str()
+                    ))
+                })
+                .collect(),
+            idempotency_slots_used: hostcalls::define_metric(
+                MetricType::Gauge,
+                "handoff_idempotency_local_slots_used",
+            )
+            .unwrap_or(0),
         }
     }
 
@@ -74,5 +91,16 @@ impl Metrics {
         self.inc_named(format!(
             "handoff_translate_failures.route.{route}.message.{message}.reason.{reason}"
         ));
+    }
+
+    pub fn idempotency_outcome(&self, o: Outcome) {
+        let i = Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0);
+        inc(self.idempotency_outcomes[i]);
+    }
+
+    /// Slots of the local store that hold a record (taken from free: +1, released: -1).
+    /// Expired records stay counted until their slot is reused.
+    pub fn idempotency_slots_used(&self, delta: i64) {
+        let _ = hostcalls::increment_metric(self.idempotency_slots_used, delta);
     }
 }

@@ -3,6 +3,7 @@
 
 mod canary;
 mod host;
+mod idempotency;
 mod metrics;
 mod translate;
 
@@ -14,6 +15,13 @@ use std::rc::Rc;
 use crate::canary::Variant;
 use crate::config::Config;
 use metrics::Metrics;
+
+/// Marks a request whose body handoff must see whole before it may be forwarded (translation,
+/// an idempotency fingerprint). proxy-wasm cannot hold request headers while it reads the body
+/// (a paused headers callback stops the body callbacks too), so the shipped Envoy configs put
+/// a small Lua filter after handoff that holds marked requests until their body is complete
+/// and removes the mark: a request handoff answers itself never reaches the upstream.
+pub const HOLD_HEADER: &str = "x-handoff-hold";
 
 pub fn start() {
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -53,6 +61,7 @@ impl RootContext for Root {
                     self.context_id,
                     config.summary()
                 );
+                idempotency::on_configure(&config);
                 self.config = Rc::new(config);
                 true
             }
@@ -72,7 +81,8 @@ impl RootContext for Root {
             canary: None,
             variant: None,
             translate: None,
-            request_body: None,
+            idempotency: None,
+            replied: false,
         }))
     }
 
@@ -91,45 +101,115 @@ pub(crate) struct Http {
     /// The cohort the canary stage assigned (always set when the canary section is on).
     variant: Option<Variant>,
     translate: Option<translate::Pending>,
-    /// The request body as forwarded, when a stage rewrote it (translation), for later stages.
-    #[allow(dead_code)]
-    request_body: Option<Vec<u8>>,
+    idempotency: Option<idempotency::Pending>,
+    /// A stage answered the request itself: later stages must not run.
+    replied: bool,
 }
 
-impl Context for Http {}
+impl Http {
+    /// Answers the request locally (a problem or a replay) instead of forwarding it.
+    fn send_reply(&mut self, reply: crate::problem::Reply) {
+        self.replied = true;
+        let headers: Vec<(&str, &str)> = reply
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.send_http_response(u32::from(reply.status), headers, Some(&reply.body));
+    }
+}
+
+impl Context for Http {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _: usize) {
+        idempotency::on_http_call_response(self, token, headers, body);
+    }
+}
 
 impl HttpContext for Http {
+    // Stage order on the request: canary (decides the cohort), translate (rewrites path and
+    // body for the backend's version), idempotency (fingerprints the request as forwarded).
+    // On the response, idempotency captures the upstream's own response before translate
+    // rewrites it for the client.
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if self.config.canary.is_some() {
             canary::on_request_headers(self);
         }
-        if self.config.translate.is_some() {
-            return translate::on_request_headers(self, end_of_stream);
+        let holds = self.config.translate.is_some() || self.config.idempotency.is_some();
+        if holds {
+            // Only the filter decides which requests are held.
+            self.set_http_request_header(HOLD_HEADER, None);
         }
-        Action::Continue
+        let action = translate::on_request_headers(self, end_of_stream);
+        if self.replied {
+            return action;
+        }
+        let action = idempotency::on_request_headers(self, end_of_stream);
+        if holds
+            && !self.replied
+            && (translate::holds_request_body(self) || idempotency::holds_request_body(self))
+        {
+            self.set_http_request_header(HOLD_HEADER, Some("1"));
+        }
+        action
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.translate.is_some() {
-            return translate::on_request_body(self, body_size, end_of_stream);
+        let a = translate::on_request_body(self, body_size, end_of_stream);
+        if self.replied {
+            return Action::Pause;
         }
-        Action::Continue
+        let b = idempotency::on_request_body(self, body_size, end_of_stream);
+        both(a, b)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        idempotency::on_request_trailers(self)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // Capture the upstream's own response before anything rewrites it.
+        let a = idempotency::on_response_headers(self, end_of_stream);
         if let Some(pending) = self.canary.take() {
             canary::on_response_headers(self, pending);
         }
-        if self.translate.is_some() {
-            return translate::on_response_headers(self, end_of_stream);
+        // A reply handoff sent itself (a replay is already translated for this client) passes
+        // back through this filter: it is not rewritten again.
+        if self.replied {
+            return a;
         }
-        Action::Continue
+        let b = translate::on_response_headers(self, end_of_stream);
+        both(a, b)
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.translate.is_some() {
-            return translate::on_response_body(self, body_size, end_of_stream);
+        // When translate buffers the response, Envoy hands over the whole buffer each time:
+        // the capture then reads it once, at the end.
+        let a = if !translate::buffers_response(self) || end_of_stream {
+            idempotency::on_response_body(self, body_size, end_of_stream)
+        } else {
+            Action::Continue
+        };
+        if self.replied {
+            return a;
         }
+        let b = translate::on_response_body(self, body_size, end_of_stream);
+        both(a, b)
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        idempotency::on_response_trailers(self)
+    }
+
+    fn on_log(&mut self) {
+        idempotency::on_log(self);
+    }
+}
+
+/// Paused if any stage paused.
+fn both(a: Action, b: Action) -> Action {
+    if matches!(a, Action::Pause) || matches!(b, Action::Pause) {
+        Action::Pause
+    } else {
         Action::Continue
     }
 }

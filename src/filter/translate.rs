@@ -111,8 +111,6 @@ pub fn on_request_body(http: &mut Http, body_size: usize, end_of_stream: bool) -
             if let Some(p) = http.translate.as_mut() {
                 p.request_body = false;
             }
-            // The bytes the backend gets, for stages that fingerprint the request.
-            http.request_body = Some(out);
             if let Some(p) = http.translate.as_ref() {
                 let plan = p.plan.clone();
                 count(http, &plan, Message::Request);
@@ -217,15 +215,58 @@ fn fail(http: &mut Http, route: &str, message: Message, e: &TranslateError) -> A
     http.metrics
         .translate_failure(route, message.as_str(), e.reason());
     http.translate = None;
-    send(http, &e.reply(message));
+    http.send_reply(e.reply(message));
     Action::Pause
 }
 
-fn send(http: &Http, reply: &Reply) {
-    let headers: Vec<(&str, &str)> = reply
+/// True while the request body is buffered for rewriting.
+pub fn holds_request_body(http: &Http) -> bool {
+    http.translate.as_ref().is_some_and(|p| p.request_body)
+}
+
+/// True while the response body is buffered for rewriting.
+pub fn buffers_response(http: &Http) -> bool {
+    http.translate.as_ref().is_some_and(|p| p.response_body)
+}
+
+/// A reply made from the backend's own response (an idempotency replay), translated for the
+/// client of this request exactly as a forwarded response would be.
+pub fn for_client(http: &Http, mut reply: Reply) -> Reply {
+    let Some(p) = http.translate.as_ref() else {
+        return reply;
+    };
+    let Some(route) = http
+        .config
+        .translate
+        .as_ref()
+        .and_then(|t| t.route(&p.plan))
+    else {
+        return reply;
+    };
+    let content_type = reply
         .headers
         .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    http.send_http_response(u32::from(reply.status), headers, Some(&reply.body));
+        .find(|(k, _)| k == "content-type")
+        .map(|(_, v)| v.as_str());
+    if !route.translates_response(reply.status, content_type) {
+        return reply;
+    }
+    match route.translate_response(p.plan.client, &reply.body) {
+        Ok(out) => {
+            reply.body = out;
+            reply.headers.retain(|(k, _)| k != TRANSLATED_HEADER);
+            reply.headers.push((
+                TRANSLATED_HEADER.to_string(),
+                direction(p.plan.backend).to_string(),
+            ));
+            let plan = p.plan.clone();
+            count(http, &plan, Message::Response);
+            reply
+        }
+        Err(e) => {
+            http.metrics
+                .translate_failure(&route.name, Message::Response.as_str(), e.reason());
+            e.reply(Message::Response)
+        }
+    }
 }

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod backend;
+pub mod etcd;
 pub use backend::Backend;
 
 pub fn root() -> PathBuf {

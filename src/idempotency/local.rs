@@ -1,0 +1,553 @@
+//! The local store: a fixed table of `max_entries` slots in Envoy's shared data, common to all
+//! worker threads of one Envoy.
+//!
+//! Shared data has compare-and-swap but no delete and no eviction, so the table is allocated
+//! once (every slot written as free when the filter is configured) and slots are overwritten in
+//! place, never added: memory is at most `max_entries` × (90-byte meta + one stored response of
+//! at most `max_response_bytes`), whatever the number of distinct keys.
+//!
+//! A key hashes to a bucket of [`BUCKET`] consecutive slots. A lookup reads the bucket's metas;
+//! a record with the key decides the request; otherwise the first reusable slot (free, expired
+//! or an abandoned lock) is taken with a CAS, so two workers racing for one key get exactly
+//! one winner. When every slot of the bucket holds a live key the store is full for that key.
+
+use super::machine::{completed_record, decide, lock_record, Decision};
+use super::record::{Meta, State, StoredResponse};
+
+/// Candidate slots per key.
+pub const BUCKET: u32 = 8;
+/// Lookups retried after losing a CAS race before answering 409.
+const ATTEMPTS: usize = 4;
+
+/// Shared-data access, by slot number. The filter implements it over the host; tests over a
+/// map.
+pub trait Slots {
+    /// The meta entry of a slot and its CAS token (`None` for a slot never written).
+    fn get_meta(&self, slot: u32) -> (Option<Vec<u8>>, Option<u32>);
+    /// Writes the meta entry if its CAS token is still `cas`. `false` on a CAS mismatch.
+    fn set_meta(&self, slot: u32, value: &[u8], cas: Option<u32>) -> bool;
+    fn get_response(&self, slot: u32) -> Option<Vec<u8>>;
+    fn set_response(&self, slot: u32, value: &[u8]);
+}
+
+/// The outcome of looking a key up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// The lock is ours: forward. `was_free` is true when the slot held no record before
+    /// (for the occupancy gauge).
+    Locked { lock: LocalLock, was_free: bool },
+    /// Not forwarded: the record found decides (in flight, mismatch, replay, not replayable).
+    Found {
+        decision: Decision,
+        slot: u32,
+        meta: Meta,
+    },
+    /// Every slot of the key's bucket holds a live key.
+    Full,
+    /// Lost the CAS race `ATTEMPTS` times: answered as in flight.
+    Contended,
+}
+
+/// The lock a forwarded request holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalLock {
+    pub slot: u32,
+    pub meta: Meta,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalStore {
+    pub max_entries: u32,
+}
+
+impl LocalStore {
+    /// The bucket of a key: `min(BUCKET, max_entries)` consecutive slots, wrapping.
+    pub fn bucket(&self, key: &[u8; 32]) -> impl Iterator<Item = u32> {
+        let n = self.max_entries.max(1);
+        let start = u32::from_be_bytes([key[0], key[1], key[2], key[3]]) % n;
+        (0..BUCKET.min(n)).map(move |i| (start + i) % n)
+    }
+
+    /// Writes every slot that does not exist yet as free. Run once when the filter is
+    /// configured, before requests arrive: a CAS on a missing shared-data entry always
+    /// succeeds, so slots must exist before workers race on them.
+    pub fn initialize(&self, slots: &dyn Slots) -> u32 {
+        let free = Meta::free().encode();
+        let mut created = 0;
+        for slot in 0..self.max_entries {
+            if slots.get_meta(slot).0.is_none() && slots.set_meta(slot, &free, None) {
+                created += 1;
+            }
+        }
+        created
+    }
+
+    /// Looks the key up and takes its lock when the request is to be forwarded.
+    pub fn begin(
+        &self,
+        slots: &dyn Slots,
+        key: [u8; 32],
+        fingerprint: [u8; 32],
+        owner: u64,
+        now_ms: u64,
+        lock_timeout_ms: u64,
+    ) -> Begin {
+        let lock = lock_record(key, fingerprint, owner, now_ms, lock_timeout_ms);
+        let encoded = lock.encode();
+        for _ in 0..ATTEMPTS {
+            let mut found = None;
+            let mut reusable = None;
+            for slot in self.bucket(&key) {
+                let (value, cas) = slots.get_meta(slot);
+                let meta = value.as_deref().and_then(Meta::decode);
+                match meta {
+                    Some(m) if m.key == key && m.state != State::Free => {
+                        found = Some((slot, m, cas));
+                        break;
+                    }
+                    Some(m) if !m.is_live(now_ms) => {
+                        if reusable.is_none() {
+                            reusable = Some((slot, cas, m.state == State::Free));
+                        }
+                    }
+                    Some(_) => {}
+                    // Never written (initialization missed it) or unreadable: reusable.
+                    None => {
+                        if reusable.is_none() {
+                            reusable = Some((slot, cas, true));
+                        }
+                    }
+                }
+            }
+            if let Some((slot, meta, cas)) = found {
+                match decide(Some(&meta), &fingerprint, now_ms) {
+                    Decision::Acquire | Decision::TakeOver => {
+                        if slots.set_meta(slot, &encoded, cas) {
+                            return Begin::Locked {
+                                lock: LocalLock {
+                                    slot,
+                                    meta: lock.clone(),
+                                },
+                                was_free: false,
+                            };
+                        }
+                        continue;
+                    }
+                    decision => {
+                        return Begin::Found {
+                            decision,
+                            slot,
+                            meta,
+                        }
+                    }
+                }
+            }
+            let Some((slot, cas, was_free)) = reusable else {
+                return Begin::Full;
+            };
+            if !slots.set_meta(slot, &encoded, cas) {
+                continue;
+            }
+            // Two requests with one key that saw different free slots (another key freed one
+            // between their lookups) could each lock a slot. Whoever finds the other's record
+            // after locking gives way, so at most one of them is forwarded.
+            if let Some(other) = self.other_record(slots, &key, slot, now_ms) {
+                self.release(slots, &LocalLock { slot, meta: lock });
+                let (slot, meta) = other;
+                return match decide(Some(&meta), &fingerprint, now_ms) {
+                    Decision::Acquire | Decision::TakeOver => Begin::Contended,
+                    decision => Begin::Found {
+                        decision,
+                        slot,
+                        meta,
+                    },
+                };
+            }
+            return Begin::Locked {
+                lock: LocalLock { slot, meta: lock },
+                was_free,
+            };
+        }
+        Begin::Contended
+    }
+
+    fn other_record(
+        &self,
+        slots: &dyn Slots,
+        key: &[u8; 32],
+        mine: u32,
+        now_ms: u64,
+    ) -> Option<(u32, Meta)> {
+        self.bucket(key).filter(|s| *s != mine).find_map(|slot| {
+            let meta = slots.get_meta(slot).0.as_deref().and_then(Meta::decode)?;
+            (meta.key == *key && meta.is_live(now_ms)).then_some((slot, meta))
+        })
+    }
+
+    /// Reads the slot and returns its CAS token if it still holds our lock.
+    fn still_ours(&self, slots: &dyn Slots, lock: &LocalLock) -> Option<Option<u32>> {
+        let (value, cas) = slots.get_meta(lock.slot);
+        let meta = value.as_deref().and_then(Meta::decode)?;
+        (meta.state == State::InFlight
+            && meta.key == lock.meta.key
+            && meta.owner == lock.meta.owner)
+            .then_some(cas)
+    }
+
+    /// Stores the outcome of a forwarded request: the response when it is given (it fits
+    /// `max_response_bytes`), else the key stays completed without a response. `false` when
+    /// the lock was lost (taken over after `lock_timeout_s`): nothing is written.
+    pub fn complete(
+        &self,
+        slots: &dyn Slots,
+        lock: &LocalLock,
+        response: Option<&StoredResponse>,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> bool {
+        let done = completed_record(&lock.meta, response.is_some(), now_ms, ttl_ms).encode();
+        for _ in 0..ATTEMPTS {
+            let Some(cas) = self.still_ours(slots, lock) else {
+                return false;
+            };
+            if let Some(r) = response {
+                // The response entry first, tagged with key and owner: a reader that sees the
+                // completed meta always finds its response.
+                slots.set_response(lock.slot, &tagged_response(&lock.meta, r));
+            }
+            if slots.set_meta(lock.slot, &done, cas) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Frees the slot if it still holds our lock (5xx, reset, timeout): a retry executes
+    /// again. `true` when the slot was freed.
+    pub fn release(&self, slots: &dyn Slots, lock: &LocalLock) -> bool {
+        let free = Meta::free().encode();
+        for _ in 0..ATTEMPTS {
+            let Some(cas) = self.still_ours(slots, lock) else {
+                return false;
+            };
+            if slots.set_meta(lock.slot, &free, cas) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The stored response of a completed record found by [`LocalStore::begin`].
+    pub fn response(&self, slots: &dyn Slots, slot: u32, meta: &Meta) -> Option<StoredResponse> {
+        let bytes = slots.get_response(slot)?;
+        if bytes.len() < 40 {
+            return None;
+        }
+        let (tag, rest) = bytes.split_at(40);
+        (tag[..32] == meta.key && tag[32..] == meta.owner.to_be_bytes())
+            .then(|| StoredResponse::decode(rest))
+            .flatten()
+    }
+}
+
+fn tagged_response(meta: &Meta, r: &StoredResponse) -> Vec<u8> {
+    let mut out = Vec::with_capacity(40 + r.encoded_len());
+    out.extend_from_slice(&meta.key);
+    out.extend_from_slice(&meta.owner.to_be_bytes());
+    out.extend_from_slice(&r.encode());
+    out
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! Shared data over a map, with Envoy's CAS rules (a write with a token succeeds only if
+    //! the entry's token is unchanged; a missing entry accepts any token).
+    use super::Slots;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    pub struct FakeSlots {
+        pub meta: RefCell<HashMap<u32, (Vec<u8>, u32)>>,
+        pub response: RefCell<HashMap<u32, Vec<u8>>>,
+        next_cas: RefCell<u32>,
+    }
+
+    impl Slots for FakeSlots {
+        fn get_meta(&self, slot: u32) -> (Option<Vec<u8>>, Option<u32>) {
+            match self.meta.borrow().get(&slot) {
+                Some((v, c)) => (Some(v.clone()), Some(*c)),
+                None => (None, None),
+            }
+        }
+        fn set_meta(&self, slot: u32, value: &[u8], cas: Option<u32>) -> bool {
+            let mut m = self.meta.borrow_mut();
+            if let (Some(c), Some((_, cur))) = (cas, m.get(&slot)) {
+                if c != 0 && c != *cur {
+                    return false;
+                }
+            }
+            let mut n = self.next_cas.borrow_mut();
+            *n += 1;
+            m.insert(slot, (value.to_vec(), *n));
+            true
+        }
+        fn get_response(&self, slot: u32) -> Option<Vec<u8>> {
+            self.response.borrow().get(&slot).cloned()
+        }
+        fn set_response(&self, slot: u32, value: &[u8]) {
+            self.response.borrow_mut().insert(slot, value.to_vec());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeSlots;
+    use super::*;
+    use proptest::prelude::*;
+
+    const FP: [u8; 32] = [1; 32];
+    const TIMEOUT: u64 = 30_000;
+    const TTL: u64 = 86_400_000;
+
+    fn key(n: u32) -> [u8; 32] {
+        let mut k = [0u8; 32];
+        k[4..8].copy_from_slice(&n.to_be_bytes());
+        k
+    }
+
+    fn store(n: u32) -> (LocalStore, FakeSlots) {
+        let s = LocalStore { max_entries: n };
+        let slots = FakeSlots::default();
+        assert_eq!(s.initialize(&slots), n);
+        assert_eq!(s.initialize(&slots), 0, "initialization is idempotent");
+        (s, slots)
+    }
+
+    fn lock_of(b: Begin) -> LocalLock {
+        match b {
+            Begin::Locked { lock, .. } => lock,
+            other => panic!("expected a lock, got {other:?}"),
+        }
+    }
+
+    fn decision_of(b: Begin) -> Decision {
+        match b {
+            Begin::Found { decision, .. } => decision,
+            other => panic!("expected a record, got {other:?}"),
+        }
+    }
+
+    fn resp() -> StoredResponse {
+        StoredResponse {
+            status: 201,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: b"{\"id\":\"tx-1\"}".to_vec(),
+        }
+    }
+
+    #[test]
+    fn first_in_flight_replay_mismatch() {
+        let (s, slots) = store(16);
+        let k = key(1);
+        let lock = lock_of(s.begin(&slots, k, FP, 7, 1000, TIMEOUT));
+        assert_eq!(
+            decision_of(s.begin(&slots, k, FP, 8, 1001, TIMEOUT)),
+            Decision::InFlight
+        );
+        assert_eq!(
+            decision_of(s.begin(&slots, k, [2; 32], 8, 1001, TIMEOUT)),
+            Decision::Mismatch
+        );
+        assert!(s.complete(&slots, &lock, Some(&resp()), 1002, TTL));
+        match s.begin(&slots, k, FP, 9, 1003, TIMEOUT) {
+            Begin::Found {
+                decision: Decision::Replay,
+                slot,
+                meta,
+            } => assert_eq!(s.response(&slots, slot, &meta), Some(resp())),
+            other => panic!("{other:?}"),
+        }
+        // Expired after the TTL: a new operation.
+        lock_of(s.begin(&slots, k, FP, 10, 1002 + TTL, TIMEOUT));
+    }
+
+    #[test]
+    fn release_lets_a_retry_execute_and_only_the_owner_releases() {
+        let (s, slots) = store(16);
+        let k = key(2);
+        let lock = lock_of(s.begin(&slots, k, FP, 7, 1000, TIMEOUT));
+        let mut impostor = lock.clone();
+        impostor.meta.owner = 99;
+        assert!(!s.release(&slots, &impostor));
+        assert!(s.release(&slots, &lock));
+        assert!(!s.release(&slots, &lock), "released once");
+        lock_of(s.begin(&slots, k, FP, 8, 1001, TIMEOUT));
+    }
+
+    #[test]
+    fn abandoned_lock_is_taken_over_and_the_old_owner_cannot_complete() {
+        let (s, slots) = store(16);
+        let k = key(3);
+        let old = lock_of(s.begin(&slots, k, FP, 7, 1000, TIMEOUT));
+        let new = lock_of(s.begin(&slots, k, FP, 8, 1000 + TIMEOUT, TIMEOUT));
+        assert_eq!(new.slot, old.slot);
+        assert!(!s.complete(&slots, &old, Some(&resp()), 1000 + TIMEOUT, TTL));
+        assert!(s.complete(&slots, &new, Some(&resp()), 1000 + TIMEOUT, TTL));
+    }
+
+    #[test]
+    fn oversized_response_completes_without_a_body() {
+        let (s, slots) = store(16);
+        let k = key(4);
+        let lock = lock_of(s.begin(&slots, k, FP, 7, 1000, TIMEOUT));
+        assert!(s.complete(&slots, &lock, None, 1001, TTL));
+        assert_eq!(
+            decision_of(s.begin(&slots, k, FP, 8, 1002, TIMEOUT)),
+            Decision::NotReplayable
+        );
+    }
+
+    #[test]
+    fn full_bucket_then_expired_slots_are_reused_first() {
+        let (s, slots) = store(4);
+        for i in 0..4 {
+            lock_of(s.begin(&slots, key(10 + i), FP, 1, 1000, TIMEOUT));
+        }
+        assert_eq!(s.begin(&slots, key(20), FP, 1, 1001, TIMEOUT), Begin::Full);
+        // After the lock timeout the abandoned slots are reusable.
+        lock_of(s.begin(&slots, key(20), FP, 1, 1000 + TIMEOUT, TIMEOUT));
+        assert_eq!(slots.meta.borrow().len(), 4, "never more than max_entries");
+    }
+
+    #[test]
+    fn a_lost_cas_race_finds_the_winner() {
+        // Worker B read the bucket before worker A locked; B's CAS with the stale token fails
+        // and its retry finds A's lock.
+        let (s, slots) = store(8);
+        let k = key(5);
+        let slot = s.bucket(&k).next().unwrap();
+        let (_, stale) = slots.get_meta(slot);
+        lock_of(s.begin(&slots, k, FP, 1, 1000, TIMEOUT));
+        assert!(!slots.set_meta(slot, &Meta::free().encode(), stale));
+        assert_eq!(
+            decision_of(s.begin(&slots, k, FP, 2, 1000, TIMEOUT)),
+            Decision::InFlight
+        );
+    }
+
+    #[test]
+    fn a_record_later_in_the_bucket_wins_over_an_earlier_reusable_slot() {
+        let (s, slots) = store(8);
+        let k = key(6);
+        let mut b = s.bucket(&k);
+        let (first, second) = (b.next().unwrap(), b.next().unwrap());
+        slots.set_meta(second, &lock_record(k, FP, 1, 1000, TIMEOUT).encode(), None);
+        slots.set_meta(first, &lock_record(key(99), FP, 3, 1000, 1).encode(), None);
+        match s.begin(&slots, k, FP, 2, 1001, TIMEOUT) {
+            Begin::Found {
+                decision: Decision::InFlight,
+                slot,
+                ..
+            } => assert_eq!(slot, second),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Slots where another worker's lock for the same key lands in a different slot right
+    /// before our CAS (it saw another free slot).
+    struct Racing {
+        inner: FakeSlots,
+        inject: std::cell::RefCell<Option<(u32, Vec<u8>)>>,
+    }
+
+    impl Slots for Racing {
+        fn get_meta(&self, slot: u32) -> (Option<Vec<u8>>, Option<u32>) {
+            self.inner.get_meta(slot)
+        }
+        fn set_meta(&self, slot: u32, value: &[u8], cas: Option<u32>) -> bool {
+            if let Some((s, v)) = self.inject.borrow_mut().take() {
+                self.inner.set_meta(s, &v, None);
+            }
+            self.inner.set_meta(slot, value, cas)
+        }
+        fn get_response(&self, slot: u32) -> Option<Vec<u8>> {
+            self.inner.get_response(slot)
+        }
+        fn set_response(&self, slot: u32, value: &[u8]) {
+            self.inner.set_response(slot, value)
+        }
+    }
+
+    #[test]
+    fn a_duplicate_lock_in_another_slot_gives_way() {
+        let (s, inner) = store(8);
+        let k = key(6);
+        let second = s.bucket(&k).nth(1).unwrap();
+        let theirs = lock_record(k, FP, 1, 1000, TIMEOUT).encode();
+        let slots = Racing {
+            inner,
+            inject: std::cell::RefCell::new(Some((second, theirs))),
+        };
+        match s.begin(&slots, k, FP, 2, 1000, TIMEOUT) {
+            Begin::Found {
+                decision: Decision::InFlight,
+                slot,
+                meta,
+            } => assert_eq!((slot, meta.owner), (second, 1)),
+            other => panic!("{other:?}"),
+        }
+        // Our own slot was given back.
+        let first = s.bucket(&k).next().unwrap();
+        let m = Meta::decode(&slots.get_meta(first).0.unwrap()).unwrap();
+        assert_eq!(m.state, State::Free);
+    }
+
+    #[test]
+    fn a_response_of_another_owner_is_never_returned() {
+        let (s, slots) = store(8);
+        let k = key(7);
+        let lock = lock_of(s.begin(&slots, k, FP, 1, 1000, TIMEOUT));
+        assert!(s.complete(&slots, &lock, Some(&resp()), 1000, TTL));
+        let mut other = lock.meta.clone();
+        other.owner = 2;
+        assert_eq!(s.response(&slots, lock.slot, &other), None);
+        other.owner = 1;
+        other.key = key(8);
+        assert_eq!(s.response(&slots, lock.slot, &other), None);
+    }
+
+    proptest! {
+        /// Whatever the keys and times, the table never grows past max_entries, and a key
+        /// that is locked is never locked a second time while live.
+        #[test]
+        fn bounded_and_exclusive(ops in proptest::collection::vec((0u32..40, 0u64..5, any::<bool>()), 1..200)) {
+            let (s, slots) = store(16);
+            let mut now = 0u64;
+            let mut held: std::collections::HashMap<u32, (LocalLock, u64)> = Default::default();
+            for (k, dt, finish) in ops {
+                now += dt * 10_000;
+                match s.begin(&slots, key(k), FP, now + 1, now, TIMEOUT) {
+                    Begin::Locked { lock, .. } => {
+                        if let Some((_, exp)) = held.get(&k) {
+                            prop_assert!(*exp <= now, "key {} locked twice while live", k);
+                        }
+                        if finish {
+                            prop_assert!(s.complete(&slots, &lock, Some(&resp()), now, 25_000));
+                            held.insert(k, (lock, now + 25_000));
+                        } else {
+                            held.insert(k, (lock, now + TIMEOUT));
+                        }
+                    }
+                    Begin::Found { decision, .. } => {
+                        prop_assert!(matches!(decision, Decision::InFlight | Decision::Replay));
+                    }
+                    Begin::Full | Begin::Contended => {}
+                }
+                prop_assert!(slots.meta.borrow().len() <= 16);
+                prop_assert!(slots.response.borrow().len() <= 16);
+            }
+        }
+    }
+}

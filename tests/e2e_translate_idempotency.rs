@@ -1,0 +1,148 @@
+//! Translation and idempotency together, end to end (`envoy/translate.yaml` with an
+//! `idempotency` section): the fingerprint is taken after translation, the stored response is
+//! the backend's own, and each replay is translated for the client that asks. A v1 retry of an
+//! operation first sent as v2 is the same operation and gets a v1 body, and the other way round.
+#![cfg(not(target_arch = "wasm32"))]
+
+mod support;
+
+use serde_json::{json, Value};
+use support::{clients, Backend, Envoy, EnvoyOpts};
+
+async fn setup() -> (Envoy, Backend, Backend) {
+    let v1 = Backend::start("v1", "v1");
+    let v2 = Backend::start("v2", "v2");
+    let mut cfg = support::fixture_plugin_config("translate");
+    cfg["idempotency"] = json!({
+        "methods": ["POST"],
+        "path_prefixes": ["/api/"],
+        "scope": [{"header": "x-user-id"}]
+    });
+    let envoy = Envoy::start(
+        EnvoyOpts::new("translate")
+            .upstream(8081, &v1)
+            .upstream(8082, &v2)
+            .plugin_config(cfg),
+    )
+    .await;
+    (envoy, v1, v2)
+}
+
+async fn post(
+    client: &reqwest::Client,
+    url: String,
+    key: &str,
+    body: &Value,
+) -> (u16, Option<String>, Option<String>, Value) {
+    let r = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .header("x-user-id", "u-42")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("request through Envoy");
+    let status = r.status().as_u16();
+    let h = |n: &str| r.headers().get(n).map(|v| v.to_str().unwrap().to_string());
+    let (replayed, translated) = (h("idempotent-replayed"), h("x-handoff-translated"));
+    let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    (status, replayed, translated, body)
+}
+
+fn v1_body() -> Value {
+    json!({"amount": 12.5, "currency": "EUR", "customer_id": "c-7"})
+}
+
+/// The same operation as the v2 API expects it (keys in another order than the filter writes
+/// them: the fingerprint compares JSON in canonical form).
+fn v2_body() -> Value {
+    json!({"customer": {"email": null, "id": "c-7"}, "amount": {"currency": "EUR", "value": 12.5}})
+}
+
+#[tokio::test]
+async fn a_v1_retry_of_a_v2_operation_is_replayed_with_a_v1_body() {
+    let (envoy, _v1, v2) = setup().await;
+    for (proto, client) in clients() {
+        let key = format!("op-v2-first-{proto}");
+        let (s, replayed, _, first) =
+            post(&client, envoy.url("/api/v2/payments"), &key, &v2_body()).await;
+        assert_eq!((s, replayed), (201, None), "{proto}: {first}");
+        let id = first["id"]
+            .as_str()
+            .expect("v2 answer has an id")
+            .to_string();
+        let executed = v2.requests().await;
+
+        let (s, replayed, translated, again) =
+            post(&client, envoy.url("/api/v1/payments"), &key, &v1_body()).await;
+        assert_eq!(s, 201, "{proto}: {again}");
+        assert_eq!(replayed.as_deref(), Some("true"), "{proto}");
+        assert_eq!(translated.as_deref(), Some("v2-v1"), "{proto}");
+        assert_eq!(
+            again,
+            json!({"transaction_id": id, "status": "succeeded"}),
+            "{proto}"
+        );
+        assert_eq!(
+            v2.requests().await,
+            executed,
+            "{proto}: the replay was forwarded"
+        );
+        assert_eq!(v2.executions().await.get(&key), Some(&1), "{proto}");
+    }
+}
+
+#[tokio::test]
+async fn a_v2_retry_of_a_v1_operation_gets_the_backend_body_and_a_changed_one_is_a_mismatch() {
+    let (envoy, _v1, v2) = setup().await;
+    for (proto, client) in clients() {
+        let key = format!("op-v1-first-{proto}");
+        let (s, _, translated, first) =
+            post(&client, envoy.url("/api/v1/payments"), &key, &v1_body()).await;
+        assert_eq!(
+            (s, translated.as_deref()),
+            (201, Some("v2-v1")),
+            "{proto}: {first}"
+        );
+        let id = first["transaction_id"].as_str().unwrap().to_string();
+
+        let (s, replayed, translated, again) =
+            post(&client, envoy.url("/api/v2/payments"), &key, &v2_body()).await;
+        assert_eq!(
+            (s, replayed.as_deref()),
+            (201, Some("true")),
+            "{proto}: {again}"
+        );
+        assert_eq!(
+            translated, None,
+            "{proto}: a v2 client gets the backend's own body"
+        );
+        assert_eq!(again["id"], id.as_str(), "{proto}");
+        assert_eq!(
+            again["amount"],
+            json!({"value": 12.5, "currency": "EUR"}),
+            "{proto}"
+        );
+
+        // Another amount under the same key: another operation, refused before the backend.
+        let mut changed = v1_body();
+        changed["amount"] = json!(99);
+        let (s, _, _, problem) = post(&client, envoy.url("/api/v1/payments"), &key, &changed).await;
+        assert_eq!(s, 422, "{proto}: {problem}");
+        assert!(problem["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("#idempotency-mismatch"));
+        assert_eq!(v2.executions().await.get(&key), Some(&1), "{proto}");
+    }
+    let stats = envoy.stats().await;
+    assert_eq!(
+        stats.get("handoff_idempotency_outcomes", &[("outcome", "replayed")]),
+        2.0
+    );
+    assert_eq!(
+        stats.get("handoff_idempotency_outcomes", &[("outcome", "mismatch")]),
+        2.0
+    );
+}

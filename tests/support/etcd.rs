@@ -1,0 +1,122 @@
+//! A real etcd (Debian's `etcd-server`, 3.4) on free loopback ports in a temporary data
+//! directory, killed when the handle is dropped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct Etcd {
+    child: Option<Child>,
+    pub client_port: u16,
+    pub peer_port: u16,
+    dir: tempfile::TempDir,
+}
+
+pub fn etcd_bin() -> PathBuf {
+    std::env::var_os("ETCD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("etcd"))
+}
+
+impl Etcd {
+    /// Starts etcd and waits until `/health` reports healthy.
+    pub async fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut etcd = Etcd {
+            child: None,
+            client_port: super::free_port(),
+            peer_port: super::free_port(),
+            dir,
+        };
+        etcd.spawn();
+        etcd.wait_healthy().await;
+        etcd
+    }
+
+    fn spawn(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log");
+        let child = Command::new(etcd_bin())
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--name", "default"])
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start etcd: {e} (run `make setup`)"));
+        self.child = Some(child);
+    }
+
+    async fn wait_healthy(&self) {
+        let url = self.url("/health");
+        super::wait_for("etcd /health", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                let r = super::h1().get(url).send().await.ok()?;
+                let v: serde_json::Value = r.json().await.ok()?;
+                (v["health"] == "true").then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.client_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+
+    /// Stops etcd now (the handle's drop does the same).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// How many keys live under `prefix` (through the v3 JSON gateway).
+    pub async fn count(&self, prefix: &str) -> u64 {
+        use base64::engine::general_purpose::STANDARD;
+        use base64::Engine;
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let body = serde_json::json!({
+            "key": STANDARD.encode(prefix),
+            "range_end": STANDARD.encode(&end),
+            "count_only": true,
+        });
+        let v: serde_json::Value = super::h1()
+            .post(self.url("/v3/kv/range"))
+            .json(&body)
+            .send()
+            .await
+            .expect("etcd reachable")
+            .json()
+            .await
+            .expect("etcd JSON");
+        v["count"]
+            .as_str()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("--- etcd log ---\n{}\n--- end of etcd log ---", self.log());
+        }
+    }
+}
