@@ -6,6 +6,7 @@ use serde::Deserialize;
 use std::fmt;
 
 use crate::canary::{Canary, RawCanary};
+use crate::drain::{Drain, RawDrain};
 
 /// The configuration as written. Each absent section switches its capability off.
 #[derive(Debug, Default, Deserialize)]
@@ -13,12 +14,14 @@ use crate::canary::{Canary, RawCanary};
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub canary: Option<RawCanary>,
+    pub drain: Option<RawDrain>,
 }
 
 /// The validated configuration the filter runs with.
 #[derive(Debug, Default)]
 pub struct Config {
     pub canary: Option<Canary>,
+    pub drain: Option<Drain>,
 }
 
 /// A rejected configuration: the JSON path (`canary.user_id[0]`) and what was expected.
@@ -86,6 +89,9 @@ impl Config {
         if let Some(c) = &self.canary {
             on.push(format!("canary {}%", c.percent));
         }
+        if let Some(d) = &self.drain {
+            on.push(d.summary());
+        }
         if on.is_empty() {
             "no capability configured (pass-through)".to_string()
         } else {
@@ -95,7 +101,7 @@ impl Config {
 
     /// True when no capability is switched on: the filter passes everything through.
     pub fn is_empty(&self) -> bool {
-        self.canary.is_none()
+        self.canary.is_none() && self.drain.is_none()
     }
 }
 
@@ -107,7 +113,11 @@ impl TryFrom<RawConfig> for Config {
             .canary
             .map(|c| c.validate().map_err(|e| e.within("canary")))
             .transpose()?;
-        Ok(Config { canary })
+        let drain = raw
+            .drain
+            .map(|d| d.validate().map_err(|e| e.within("drain")))
+            .transpose()?;
+        Ok(Config { canary, drain })
     }
 }
 

@@ -8,15 +8,25 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
 use crate::canary::{Reason, Variant};
+use crate::drain::{DrainSource, Phase};
 
 pub struct Metrics {
     canary_decisions: Vec<u32>,
     canary_override_rejected: u32,
+    drain_state: u32,
+    drain_started: Vec<u32>,
+    drain_hinted: u32,
+    drain_rejected: u32,
+    drain_inflight: u32,
 }
 
 fn counter(name: &str) -> u32 {
     // Defining a metric only fails outside Envoy; 0 then makes increments no-ops.
     hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0)
+}
+
+fn gauge(name: &str) -> u32 {
+    hostcalls::define_metric(MetricType::Gauge, name).unwrap_or(0)
 }
 
 fn inc(id: u32) {
@@ -38,6 +48,14 @@ impl Metrics {
         Metrics {
             canary_decisions,
             canary_override_rejected: counter("handoff_canary_override_rejected"),
+            drain_state: gauge("handoff_drain_state"),
+            drain_started: DrainSource::ALL
+                .iter()
+                .map(|s| counter(&format!("handoff_drain_started.source.{}", s.as_str())))
+                .collect(),
+            drain_hinted: counter("handoff_drain_hinted"),
+            drain_rejected: counter("handoff_drain_rejected"),
+            drain_inflight: gauge("handoff_drain_inflight"),
         }
     }
 
@@ -49,5 +67,30 @@ impl Metrics {
 
     pub fn canary_override_rejected(&self) {
         inc(self.canary_override_rejected);
+    }
+
+    /// 0 serving, 1 draining, 2 drained.
+    pub fn drain_state(&self, phase: Phase) {
+        let _ = hostcalls::record_metric(self.drain_state, phase.gauge());
+    }
+
+    pub fn drain_started(&self, source: DrainSource) {
+        let i = DrainSource::ALL
+            .iter()
+            .position(|x| *x == source)
+            .unwrap_or(0);
+        inc(self.drain_started[i]);
+    }
+
+    pub fn drain_hinted(&self) {
+        inc(self.drain_hinted);
+    }
+
+    pub fn drain_rejected(&self) {
+        inc(self.drain_rejected);
+    }
+
+    pub fn drain_inflight(&self, n: u64) {
+        let _ = hostcalls::record_metric(self.drain_inflight, n);
     }
 }

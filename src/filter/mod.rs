@@ -2,6 +2,7 @@
 //! Nothing in here decides anything on its own.
 
 mod canary;
+mod drain;
 mod host;
 mod metrics;
 
@@ -20,6 +21,7 @@ pub fn start() {
             context_id,
             config: Rc::new(Config::default()),
             metrics: Rc::new(Metrics::define()),
+            drain: drain::RootDrain::new(),
         })
     });
 }
@@ -28,9 +30,14 @@ struct Root {
     context_id: u32,
     config: Rc<Config>,
     metrics: Rc<Metrics>,
+    drain: drain::RootDrain,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, _: usize, _: usize, _: usize) {
+        drain::on_root_call_response(self, token_id);
+    }
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
@@ -52,6 +59,7 @@ impl RootContext for Root {
                     config.summary()
                 );
                 self.config = Rc::new(config);
+                drain::configure(self);
                 true
             }
             Err(e) => {
@@ -62,12 +70,17 @@ impl RootContext for Root {
         }
     }
 
+    fn on_tick(&mut self) {
+        drain::on_tick(self);
+    }
+
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
             context_id,
             config: self.config.clone(),
             metrics: self.metrics.clone(),
             canary: None,
+            drain: self.drain.http(),
         }))
     }
 
@@ -83,12 +96,26 @@ pub(crate) struct Http {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
     canary: Option<canary::Pending>,
+    drain: drain::HttpDrain,
 }
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_http_call_response(&mut self, token_id: u32, _: usize, _: usize, _: usize) {
+        drain::on_http_call_response(self, token_id);
+    }
+
+    fn on_done(&mut self) -> bool {
+        drain::on_end(self);
+        true
+    }
+}
 
 impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // Drain first: the admin path and the drained 503 are answered before anything else.
+        if let Some(action) = drain::on_request_headers(self, end_of_stream) {
+            return action;
+        }
         if self.config.canary.is_some() {
             canary::on_request_headers(self);
         }
@@ -99,6 +126,15 @@ impl HttpContext for Http {
         if let Some(pending) = self.canary.take() {
             canary::on_response_headers(self, pending);
         }
+        drain::on_response_headers(self)
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        drain::on_response_body(self, body_size);
         Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        drain::on_end(self);
     }
 }
