@@ -292,6 +292,16 @@ async fn readiness_failing_starts_the_drain_and_recovery_cancels_it() {
         (envoy.stats().await.get("handoff_drain_state", &[]) == 0.0).then_some(())
     })
     .await;
+
+    // A ready app does not cancel a drain someone else started: after several successful
+    // polls (counted by the app itself), the admin's drain is still on.
+    admin(&envoy, reqwest::Method::POST, "").await;
+    let polls = app.requests().await;
+    wait_for("5 more readiness polls", WAIT, || async {
+        (app.requests().await >= polls + 5).then_some(())
+    })
+    .await;
+    assert_eq!(state(&envoy).await["state"], "draining");
 }
 
 #[tokio::test]
