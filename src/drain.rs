@@ -583,14 +583,25 @@ pub fn is_loopback_peer(peer: &str) -> bool {
             .all(|o| !o.is_empty() && o.len() <= 3 && o.parse::<u8>().is_ok())
 }
 
-/// Who may use the admin path: a loopback peer, or a bearer token whose SHA-256 is the
-/// configured one (compared in constant time). No token configured means loopback only.
+/// True when a request really comes from this host. Envoy's `source.address` is derived from
+/// `x-forwarded-for` unless the connection manager sets `use_remote_address` (and from other
+/// headers with `original_ip_detection_extensions`), so a client could claim `127.0.0.1` in a
+/// header. A request is trusted as loopback only when its peer is loopback, it carries no
+/// `x-forwarded-for`, and it arrived on a loopback local address: a remote client can reach
+/// none of Envoy's loopback-bound sockets, whatever its headers say.
+pub fn is_loopback_request(remote: Option<&str>, local: Option<&str>, forwarded: bool) -> bool {
+    !forwarded && remote.is_some_and(is_loopback_peer) && local.is_some_and(is_loopback_peer)
+}
+
+/// Who may use the admin path: a loopback request (see [`is_loopback_request`]), or a bearer
+/// token whose SHA-256 is the configured one (compared in constant time). No token configured
+/// means loopback only.
 pub fn authorize(
-    peer: Option<&str>,
+    loopback: bool,
     authorization: Option<&str>,
     token_sha256: Option<&[u8; 32]>,
 ) -> AdminAuth {
-    if peer.is_some_and(is_loopback_peer) {
+    if loopback {
         return AdminAuth::Loopback;
     }
     let (Some(want), Some(auth)) = (token_sha256, authorization) else {
@@ -978,11 +989,8 @@ mod tests {
     #[test]
     fn authorization() {
         let want = parse_sha256_hex(TOKEN_HASH).unwrap(); // sha256("test")
-        let remote = Some("203.0.113.7:5555");
-        assert_eq!(
-            authorize(Some("127.0.0.1:1"), None, None),
-            AdminAuth::Loopback
-        );
+        let remote = false;
+        assert_eq!(authorize(true, None, None), AdminAuth::Loopback);
         assert_eq!(
             authorize(remote, Some("Bearer test"), Some(&want)),
             AdminAuth::Token
@@ -1009,7 +1017,29 @@ mod tests {
             authorize(remote, Some("Bearer test"), None),
             AdminAuth::Denied
         );
-        assert_eq!(authorize(None, None, None), AdminAuth::Denied);
+        assert_eq!(authorize(false, None, None), AdminAuth::Denied);
+    }
+
+    #[test]
+    fn loopback_requests() {
+        let lo = Some("127.0.0.1:10000");
+        assert!(is_loopback_request(Some("127.0.0.1:5555"), lo, false));
+        assert!(is_loopback_request(
+            Some("[::1]:5555"),
+            Some("[::1]:10000"),
+            false
+        ));
+        // A client-supplied x-forwarded-for may be where the loopback peer came from.
+        assert!(!is_loopback_request(Some("127.0.0.1:0"), lo, true));
+        // Reached on a non-loopback address: not a local caller, whatever the peer claims.
+        assert!(!is_loopback_request(
+            Some("127.0.0.1:0"),
+            Some("10.0.0.5:8080"),
+            false
+        ));
+        assert!(!is_loopback_request(Some("203.0.113.7:5555"), lo, false));
+        assert!(!is_loopback_request(None, lo, false));
+        assert!(!is_loopback_request(Some("127.0.0.1:1"), None, false));
     }
 
     #[test]

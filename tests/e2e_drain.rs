@@ -557,6 +557,23 @@ async fn the_admin_path_needs_loopback_or_the_token() {
             assert_eq!(r.header("content-type"), Some("application/problem+json"));
         }
     }
+    // A client cannot pass for a loopback peer by claiming one in a header (Envoy derives
+    // `source.address` from x-forwarded-for unless use_remote_address is set).
+    for spoof in ["127.0.0.1", "::1", "127.0.0.1, 127.0.0.1"] {
+        let r = RawConn::proxied(proxied, remote).request(
+            "POST",
+            ADMIN,
+            &[("x-forwarded-for", spoof), ("x-real-ip", "127.0.0.1")],
+        );
+        assert_eq!(r.status, 403, "x-forwarded-for: {spoof}");
+    }
+    // The same header from a real loopback peer is refused too (it cannot be told apart).
+    let r = RawConn::connect(envoy.port(10000)).request(
+        "GET",
+        ADMIN,
+        &[("x-forwarded-for", "127.0.0.1")],
+    );
+    assert_eq!(r.status, 403);
     assert_eq!(state(&envoy).await["state"], "serving", "nothing changed");
 
     let bearer = format!("Bearer {TOKEN}");

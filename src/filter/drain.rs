@@ -17,9 +17,10 @@ use super::host::random_bytes;
 use super::metrics::Metrics;
 use super::{Http, Root};
 use crate::drain::{
-    admin_action, authorize, hint_ms, is_admin_path, is_ready, reconnect_event, start_grace,
-    status_json, AdminAction, AdminAuth, CancelBy, Drain, DrainSource, DrainState, Phase,
-    PollLease, ReadinessVerdict, SseScanner, DRAINED_ANCHOR, FORBIDDEN_ANCHOR, HINT_HEADER,
+    admin_action, authorize, hint_ms, is_admin_path, is_loopback_request, is_ready,
+    reconnect_event, start_grace, status_json, AdminAction, AdminAuth, CancelBy, Drain,
+    DrainSource, DrainState, Phase, PollLease, ReadinessVerdict, SseScanner, DRAINED_ANCHOR,
+    FORBIDDEN_ANCHOR, HINT_HEADER,
 };
 use crate::problem::Reply;
 
@@ -53,7 +54,7 @@ fn read_state() -> (DrainState, Option<u32>) {
 
 /// Applies `f` to the shared state with CAS. Returns the state now in effect and whether this
 /// call made the transition.
-fn transition(f: impl Fn(&DrainState) -> Option<DrainState>) -> (DrainState, bool) {
+fn transition(f: &dyn Fn(&DrainState) -> Option<DrainState>) -> (DrainState, bool) {
     let mut current = DrainState::serving(0);
     for _ in 0..CAS_RETRIES {
         let (cur, cas) = read_state();
@@ -332,7 +333,7 @@ fn readiness_result(root: &mut Root, d: &Drain, ready: bool) {
                 "handoff: readiness {}{} failed {} times in a row",
                 r.cluster, r.path, r.failure_threshold
             );
-            let (s, c) = transition(|s| s.start(DrainSource::Readiness, now, d.grace_s));
+            let (s, c) = transition(&|s| s.start(DrainSource::Readiness, now, d.grace_s));
             (s, c, Some(DrainSource::Readiness))
         }
         ReadinessVerdict::Recovered => {
@@ -341,7 +342,7 @@ fn readiness_result(root: &mut Root, d: &Drain, ready: bool) {
             {
                 return;
             }
-            let (s, c) = transition(|s| s.cancel(CancelBy::ReadinessRecovered, now));
+            let (s, c) = transition(&|s| s.cancel(CancelBy::ReadinessRecovered, now));
             (s, c, None)
         }
         ReadinessVerdict::Nothing => return,
@@ -430,12 +431,20 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Option<Action
 
 fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) -> Action {
     let token = d.admin.as_ref().and_then(|a| a.token_sha256.as_ref());
-    let peer = hostcalls::get_property(vec!["source", "address"])
-        .ok()
-        .flatten()
-        .and_then(|b| String::from_utf8(b).ok());
+    let address = |side: &str| {
+        hostcalls::get_property(vec![side, "address"])
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+    };
+    let peer = address("source");
+    let loopback = is_loopback_request(
+        peer.as_deref(),
+        address("destination").as_deref(),
+        http.get_http_request_header("x-forwarded-for").is_some(),
+    );
     let authorization = http.get_http_request_header("authorization");
-    if authorize(peer.as_deref(), authorization.as_deref(), token) == AdminAuth::Denied {
+    if authorize(loopback, authorization.as_deref(), token) == AdminAuth::Denied {
         warn!(
             "handoff[{}]: drain admin request refused from {}",
             http.context_id,
@@ -457,7 +466,7 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
     match admin_action(&method) {
         AdminAction::Report => send(http, status_reply()),
         AdminAction::Cancel => {
-            let (state, changed) = transition(|s| s.cancel(CancelBy::Admin, now_ms()));
+            let (state, changed) = transition(&|s| s.cancel(CancelBy::Admin, now_ms()));
             http.drain.cache.set(state);
             if changed {
                 announce(&http.metrics, &state, None);
@@ -495,7 +504,7 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
 
 fn start_by_admin(http: &mut Http, d: &Drain, grace_s: Option<u32>) -> Action {
     let grace = grace_s.unwrap_or(d.grace_s);
-    let (state, changed) = transition(|s| s.start(DrainSource::Admin, now_ms(), grace));
+    let (state, changed) = transition(&|s| s.start(DrainSource::Admin, now_ms(), grace));
     http.drain.cache.set(state);
     if changed {
         announce(&http.metrics, &state, Some(DrainSource::Admin));
@@ -521,7 +530,8 @@ pub fn on_response_headers(http: &mut Http) -> Action {
     let mut action = Action::Continue;
     if let Some(h) = &d.upstream_signal {
         if state.source.is_none() && http.get_http_response_header(h).is_some() {
-            let (s, changed) = transition(|s| s.start(DrainSource::UpstreamSignal, now, d.grace_s));
+            let (s, changed) =
+                transition(&|s| s.start(DrainSource::UpstreamSignal, now, d.grace_s));
             http.drain.cache.set(s);
             state = s;
             if changed {
