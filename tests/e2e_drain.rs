@@ -390,7 +390,7 @@ async fn after_the_grace_new_requests_get_503_and_never_reach_the_app() {
     .await;
     // A slow request in flight before the drain finishes normally.
     let slow = tokio::spawn({
-        let url = envoy.url("/slow?delay_ms=1500");
+        let url = envoy.url("/slow?delay_ms=3000");
         async move { h1().get(url).send().await.map(|r| r.status().as_u16()) }
     });
     wait_for("the slow request in flight", WAIT, || async {
@@ -604,7 +604,7 @@ async fn prestop_script_starts_the_drain_and_waits_for_inflight_requests() {
     .await;
     let slow: Vec<_> = (0..3)
         .map(|i| {
-            let url = envoy.url(&format!("/slow/{i}?delay_ms=2500"));
+            let url = envoy.url(&format!("/slow/{i}?delay_ms=3000"));
             tokio::spawn(async move { h1().get(url).send().await.map(|r| r.status().as_u16()) })
         })
         .collect();
