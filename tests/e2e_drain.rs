@@ -451,44 +451,51 @@ async fn an_event_stream_gets_one_reconnect_event_between_whole_events() {
         }),
     )
     .await;
-    let n = 60;
-    let mut r = h1()
-        .get(envoy.url(&format!("/events?n={n}&interval_ms=50")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(r.headers().get(HINT).is_none());
-    let mut text = String::new();
-    while !text.contains("\"n\": 2}") {
-        let chunk = r.chunk().await.unwrap().expect("stream still open");
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    admin(&envoy, reqwest::Method::POST, "").await;
-    while let Some(chunk) = r.chunk().await.unwrap() {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    assert!(text.ends_with("\n\n"), "{text:?}");
-    let events: Vec<&str> = text.trim_end_matches("\n\n").split("\n\n").collect();
-    let mut ticks = 0;
-    let mut reconnects = Vec::new();
-    for (i, ev) in events.iter().enumerate() {
-        if let Some(data) = ev.strip_prefix("event: reconnect\ndata: ") {
-            let v: Value = serde_json::from_str(data).expect("reconnect data is JSON");
-            reconnects.push((i, v["after_ms"].as_u64().unwrap()));
-        } else {
-            assert_eq!(
-                *ev,
-                format!("event: tick\ndata: {{\"n\": {ticks}}}"),
-                "event {i} is whole and in order"
-            );
-            ticks += 1;
+    for (proto, client) in support::clients() {
+        // Each protocol starts from serving.
+        assert_eq!(
+            admin(&envoy, reqwest::Method::DELETE, "").await["state"],
+            "serving"
+        );
+        let n = 60;
+        let mut r = client
+            .get(envoy.url(&format!("/events?n={n}&interval_ms=50")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get(HINT).is_none());
+        let mut text = String::new();
+        while !text.contains("\"n\": 2}") {
+            let chunk = r.chunk().await.unwrap().expect("stream still open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
         }
+        admin(&envoy, reqwest::Method::POST, "").await;
+        while let Some(chunk) = r.chunk().await.unwrap() {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        assert!(text.ends_with("\n\n"), "{proto}: {text:?}");
+        let events: Vec<&str> = text.trim_end_matches("\n\n").split("\n\n").collect();
+        let mut ticks = 0;
+        let mut reconnects = Vec::new();
+        for (i, ev) in events.iter().enumerate() {
+            if let Some(data) = ev.strip_prefix("event: reconnect\ndata: ") {
+                let v: Value = serde_json::from_str(data).expect("reconnect data is JSON");
+                reconnects.push((i, v["after_ms"].as_u64().unwrap()));
+            } else {
+                assert_eq!(
+                    *ev,
+                    format!("event: tick\ndata: {{\"n\": {ticks}}}"),
+                    "{proto}: event {i} is whole and in order"
+                );
+                ticks += 1;
+            }
+        }
+        assert_eq!(ticks, n, "{proto}: every original event arrived");
+        assert_eq!(reconnects.len(), 1, "{proto}: {text}");
+        assert!(reconnects[0].0 >= 3, "{proto}: after the drain started");
+        assert!(reconnects[0].1 <= u64::from(jitter));
     }
-    assert_eq!(ticks, n, "every original event arrived");
-    assert_eq!(reconnects.len(), 1, "{text}");
-    assert!(reconnects[0].0 >= 3, "after the drain started");
-    assert!(reconnects[0].1 <= u64::from(jitter));
 }
 
 #[tokio::test]
