@@ -214,8 +214,9 @@ impl RootDrain {
 
 /// After `on_configure` accepted a configuration.
 pub fn configure(root: &mut Root) {
+    // Without a drain section the tick is left alone (another capability may use it; on_tick
+    // returns early for the drain).
     let Some(d) = root.config.drain.as_ref() else {
-        let _ = hostcalls::set_tick_period(Duration::ZERO);
         return;
     };
     init_key(STATE_KEY, &DrainState::serving(now_ms()).encode());
