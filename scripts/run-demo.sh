@@ -38,6 +38,10 @@ Try:
   curl -si -H 'x-user-id: alice' -H 'x-canary-variant: canary' 127.0.0.1:10000/ | grep -i x-upstream
   # anonymous users get a cookie and keep their cohort
   curl -si 127.0.0.1:10000/ | grep -i set-cookie
+  # drain: Envoy sends GOAWAY / connection: close, responses carry reconnect hints
+  curl -s -X POST 127.0.0.1:10000/.well-known/handoff/drain
+  curl -si 127.0.0.1:10000/ | grep -iE 'x-handoff-reconnect-after-ms|connection'
+  curl -s -X DELETE 127.0.0.1:10000/.well-known/handoff/drain
   # decisions as Prometheus metrics
   curl -s 127.0.0.1:9901/stats/prometheus | grep ^handoff_
 

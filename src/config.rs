@@ -6,6 +6,7 @@ use serde::Deserialize;
 use std::fmt;
 
 use crate::canary::{Canary, RawCanary};
+use crate::drain::{Drain, RawDrain};
 use crate::idempotency::{Idempotency, RawIdempotency};
 use crate::translate::{Backend, RawTranslate, Translate};
 
@@ -17,6 +18,7 @@ pub struct RawConfig {
     pub canary: Option<RawCanary>,
     pub translate: Option<RawTranslate>,
     pub idempotency: Option<RawIdempotency>,
+    pub drain: Option<RawDrain>,
 }
 
 /// The validated configuration the filter runs with.
@@ -25,6 +27,7 @@ pub struct Config {
     pub canary: Option<Canary>,
     pub translate: Option<Translate>,
     pub idempotency: Option<Idempotency>,
+    pub drain: Option<Drain>,
 }
 
 /// A rejected configuration: the JSON path (`canary.user_id[0]`) and what was expected.
@@ -98,6 +101,9 @@ impl Config {
         if let Some(i) = &self.idempotency {
             on.push(format!("idempotency ({})", i.store_summary()));
         }
+        if let Some(d) = &self.drain {
+            on.push(d.summary());
+        }
         if on.is_empty() {
             "no capability configured (pass-through)".to_string()
         } else {
@@ -107,7 +113,10 @@ impl Config {
 
     /// True when no capability is switched on: the filter passes everything through.
     pub fn is_empty(&self) -> bool {
-        self.canary.is_none() && self.translate.is_none() && self.idempotency.is_none()
+        self.canary.is_none()
+            && self.translate.is_none()
+            && self.idempotency.is_none()
+            && self.drain.is_none()
     }
 }
 
@@ -141,10 +150,15 @@ impl TryFrom<RawConfig> for Config {
             .idempotency
             .map(|c| c.validate().map_err(|e| e.within("idempotency")))
             .transpose()?;
+        let drain = raw
+            .drain
+            .map(|d| d.validate().map_err(|e| e.within("drain")))
+            .transpose()?;
         Ok(Config {
             canary,
             translate,
             idempotency,
+            drain,
         })
     }
 }

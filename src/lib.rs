@@ -5,6 +5,7 @@
 
 pub mod canary;
 pub mod config;
+pub mod drain;
 pub mod idempotency;
 pub mod problem;
 pub mod source;

@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use crate::canary::{Reason, Variant};
+use crate::drain::{DrainSource, Phase};
 use crate::idempotency::Outcome;
 
 pub struct Metrics {
@@ -19,11 +20,20 @@ pub struct Metrics {
     by_name: RefCell<HashMap<String, u32>>,
     idempotency_outcomes: Vec<u32>,
     idempotency_slots_used: u32,
+    drain_state: u32,
+    drain_started: Vec<u32>,
+    drain_hinted: u32,
+    drain_rejected: u32,
+    drain_inflight: u32,
 }
 
 fn counter(name: &str) -> u32 {
     // Defining a metric only fails outside Envoy; 0 then makes increments no-ops.
     hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0)
+}
+
+fn gauge(name: &str) -> u32 {
+    hostcalls::define_metric(MetricType::Gauge, name).unwrap_or(0)
 }
 
 fn inc(id: u32) {
@@ -55,11 +65,15 @@ impl Metrics {
                     ))
                 })
                 .collect(),
-            idempotency_slots_used: hostcalls::define_metric(
-                MetricType::Gauge,
-                "handoff_idempotency_local_slots_used",
-            )
-            .unwrap_or(0),
+            idempotency_slots_used: gauge("handoff_idempotency_local_slots_used"),
+            drain_state: gauge("handoff_drain_state"),
+            drain_started: DrainSource::ALL
+                .iter()
+                .map(|s| counter(&format!("handoff_drain_started.source.{}", s.as_str())))
+                .collect(),
+            drain_hinted: counter("handoff_drain_hinted"),
+            drain_rejected: counter("handoff_drain_rejected"),
+            drain_inflight: gauge("handoff_drain_inflight"),
         }
     }
 
@@ -102,5 +116,30 @@ impl Metrics {
     /// Expired records stay counted until their slot is reused.
     pub fn idempotency_slots_used(&self, delta: i64) {
         let _ = hostcalls::increment_metric(self.idempotency_slots_used, delta);
+    }
+
+    /// 0 serving, 1 draining, 2 drained.
+    pub fn drain_state(&self, phase: Phase) {
+        let _ = hostcalls::record_metric(self.drain_state, phase.gauge());
+    }
+
+    pub fn drain_started(&self, source: DrainSource) {
+        let i = DrainSource::ALL
+            .iter()
+            .position(|x| *x == source)
+            .unwrap_or(0);
+        inc(self.drain_started[i]);
+    }
+
+    pub fn drain_hinted(&self) {
+        inc(self.drain_hinted);
+    }
+
+    pub fn drain_rejected(&self) {
+        inc(self.drain_rejected);
+    }
+
+    pub fn drain_inflight(&self, n: u64) {
+        let _ = hostcalls::record_metric(self.drain_inflight, n);
     }
 }

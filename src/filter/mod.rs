@@ -2,6 +2,7 @@
 //! Nothing in here decides anything on its own.
 
 mod canary;
+mod drain;
 mod host;
 mod idempotency;
 mod metrics;
@@ -30,6 +31,7 @@ pub fn start() {
             context_id,
             config: Rc::new(Config::default()),
             metrics: Rc::new(Metrics::define()),
+            drain: drain::RootDrain::new(),
         })
     });
 }
@@ -38,9 +40,14 @@ struct Root {
     context_id: u32,
     config: Rc<Config>,
     metrics: Rc<Metrics>,
+    drain: drain::RootDrain,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, _: usize, _: usize, _: usize) {
+        drain::on_root_call_response(self, token_id);
+    }
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
@@ -63,6 +70,7 @@ impl RootContext for Root {
                 );
                 idempotency::on_configure(&config);
                 self.config = Rc::new(config);
+                drain::configure(self);
                 true
             }
             Err(e) => {
@@ -71,6 +79,10 @@ impl RootContext for Root {
                 false
             }
         }
+    }
+
+    fn on_tick(&mut self) {
+        drain::on_tick(self);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -83,6 +95,7 @@ impl RootContext for Root {
             translate: None,
             idempotency: None,
             replied: false,
+            drain: self.drain.http(),
         }))
     }
 
@@ -102,6 +115,7 @@ pub(crate) struct Http {
     variant: Option<Variant>,
     translate: Option<translate::Pending>,
     idempotency: Option<idempotency::Pending>,
+    drain: drain::HttpDrain,
     /// A stage answered the request itself: later stages must not run.
     replied: bool,
 }
@@ -121,16 +135,28 @@ impl Http {
 
 impl Context for Http {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _: usize) {
+        // Each stage ignores tokens it did not dispatch.
+        drain::on_http_call_response(self, token);
         idempotency::on_http_call_response(self, token, headers, body);
+    }
+
+    fn on_done(&mut self) -> bool {
+        drain::on_end(self);
+        true
     }
 }
 
 impl HttpContext for Http {
-    // Stage order on the request: canary (decides the cohort), translate (rewrites path and
-    // body for the backend's version), idempotency (fingerprints the request as forwarded).
-    // On the response, idempotency captures the upstream's own response before translate
-    // rewrites it for the client.
+    // Stage order on the request: drain (its admin path and the drained 503 come first),
+    // canary (decides the cohort), translate (rewrites path and body for the backend's
+    // version), idempotency (fingerprints the request as forwarded). On the response,
+    // idempotency captures the upstream's own response before translate rewrites it for the
+    // client.
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if let Some(action) = drain::on_request_headers(self, end_of_stream) {
+            self.replied = true;
+            return action;
+        }
         if self.config.canary.is_some() {
             canary::on_request_headers(self);
         }
@@ -172,13 +198,14 @@ impl HttpContext for Http {
         if let Some(pending) = self.canary.take() {
             canary::on_response_headers(self, pending);
         }
+        let c = drain::on_response_headers(self);
         // A reply handoff sent itself (a replay is already translated for this client) passes
         // back through this filter: it is not rewritten again.
         if self.replied {
-            return a;
+            return both(a, c);
         }
         let b = translate::on_response_headers(self, end_of_stream);
-        both(a, b)
+        both(both(a, b), c)
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -189,6 +216,7 @@ impl HttpContext for Http {
         } else {
             Action::Continue
         };
+        drain::on_response_body(self, body_size);
         if self.replied {
             return a;
         }
@@ -202,6 +230,7 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         idempotency::on_log(self);
+        drain::on_end(self);
     }
 }
 

@@ -1,0 +1,619 @@
+//! Drain glue: the drain state lives in proxy-wasm shared data (one record for the whole Envoy
+//! process, every worker), written with compare-and-swap. Each worker's root context ticks to
+//! refresh its cached copy and polls readiness (one worker at a time, under a lease); HTTP
+//! contexts read the cache, except the admin path, which reads and writes the record itself.
+//! The worker whose CAS makes a transition is the one that tells Envoy's admin
+//! (`/healthcheck/fail` / `/healthcheck/ok`), so each transition is sent exactly once.
+
+use log::{error, info, warn};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::HttpContext;
+use proxy_wasm::types::{Action, BufferType, MapType, Status};
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::host::random_bytes;
+use super::metrics::Metrics;
+use super::{Http, Root};
+use crate::drain::{
+    admin_action, authorize, hint_ms, is_admin_path, is_loopback_request, is_ready,
+    reconnect_event, start_grace, status_json, AdminAction, AdminAuth, CancelBy, Drain,
+    DrainSource, DrainState, Phase, PollLease, ReadinessVerdict, SseScanner, DRAINED_ANCHOR,
+    FORBIDDEN_ANCHOR, HINT_HEADER,
+};
+use crate::problem::Reply;
+
+const STATE_KEY: &str = "handoff.drain.state";
+const INFLIGHT_KEY: &str = "handoff.drain.inflight";
+const LEASE_KEY: &str = "handoff.drain.poller";
+const CAS_RETRIES: usize = 64;
+const ENVOY_ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn random_u32() -> u32 {
+    let b = random_bytes();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn read_state() -> (DrainState, Option<u32>) {
+    match hostcalls::get_shared_data(STATE_KEY) {
+        Ok((Some(bytes), cas)) => (
+            DrainState::decode(&bytes).unwrap_or(DrainState::serving(0)),
+            cas,
+        ),
+        _ => (DrainState::serving(0), None),
+    }
+}
+
+/// Applies `f` to the shared state with CAS. Returns the state now in effect and whether this
+/// call made the transition.
+fn transition(f: &dyn Fn(&DrainState) -> Option<DrainState>) -> (DrainState, bool) {
+    let mut current = DrainState::serving(0);
+    for _ in 0..CAS_RETRIES {
+        let (cur, cas) = read_state();
+        current = cur;
+        let Some(next) = f(&cur) else {
+            return (cur, false);
+        };
+        match hostcalls::set_shared_data(STATE_KEY, Some(&next.encode()), cas) {
+            Ok(()) => return (next, true),
+            Err(Status::CasMismatch) => continue,
+            Err(e) => {
+                error!("handoff: drain state not written: {e:?}");
+                break;
+            }
+        }
+    }
+    (current, false)
+}
+
+fn read_inflight() -> u64 {
+    match hostcalls::get_shared_data(INFLIGHT_KEY) {
+        Ok((Some(b), _)) if b.len() == 8 => u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])),
+        _ => 0,
+    }
+}
+
+/// Adds `delta` to the process-wide in-flight count (CAS loop); returns the new value.
+fn add_inflight(delta: i64) -> u64 {
+    for _ in 0..CAS_RETRIES {
+        let (bytes, cas) = hostcalls::get_shared_data(INFLIGHT_KEY).unwrap_or((None, None));
+        let cur = bytes.filter(|b| b.len() == 8).map_or(0, |b| {
+            u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8]))
+        });
+        let next = cur.saturating_add_signed(delta);
+        match hostcalls::set_shared_data(INFLIGHT_KEY, Some(&next.to_le_bytes()), cas) {
+            Ok(()) => return next,
+            Err(Status::CasMismatch) => continue,
+            Err(_) => break,
+        }
+    }
+    warn!("handoff: in-flight count not updated (contention)");
+    read_inflight()
+}
+
+/// Creates a shared record unless a worker (or an earlier configuration) already did.
+fn init_key(key: &str, value: &[u8]) {
+    if let Ok((None, _)) = hostcalls::get_shared_data(key) {
+        let _ = hostcalls::set_shared_data(key, Some(value), None);
+    }
+}
+
+/// `POST /healthcheck/fail` (drain) or `/healthcheck/ok` (cancel) on Envoy's own admin, through
+/// the configured cluster. The callback goes to the calling context.
+fn call_envoy_admin(drain: &Drain, fail: bool) -> Option<u32> {
+    let cluster = drain.envoy_admin_cluster.as_deref()?;
+    let path = if fail {
+        "/healthcheck/fail"
+    } else {
+        "/healthcheck/ok"
+    };
+    match hostcalls::dispatch_http_call(
+        cluster,
+        vec![
+            (":method", "POST"),
+            (":path", path),
+            (":authority", "envoy-admin"),
+        ],
+        None,
+        vec![],
+        ENVOY_ADMIN_TIMEOUT,
+    ) {
+        Ok(token) => Some(token),
+        Err(e) => {
+            error!("handoff: cannot call Envoy admin {path} through cluster `{cluster}`: {e:?}");
+            None
+        }
+    }
+}
+
+fn log_envoy_admin_answer() {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten();
+    if status.as_deref() != Some("200") {
+        error!(
+            "handoff: Envoy admin healthcheck call answered {}",
+            status
+                .as_deref()
+                .unwrap_or("nothing (timeout or no connection)")
+        );
+    }
+}
+
+fn announce(metrics: &Metrics, state: &DrainState, started: Option<DrainSource>) {
+    let now = now_ms();
+    metrics.drain_state(state.phase(now));
+    match started {
+        Some(source) => {
+            metrics.drain_started(source);
+            info!(
+                "handoff: drain started by {} (grace {}s)",
+                source.as_str(),
+                state.grace_s
+            );
+        }
+        None => info!("handoff: drain cancelled, serving"),
+    }
+}
+
+/// The worker's cached copy of the shared state, shared by its root and HTTP contexts.
+#[derive(Default)]
+pub struct Cache {
+    state: Cell<Option<DrainState>>,
+}
+
+impl Cache {
+    fn get(&self) -> DrainState {
+        self.state.get().unwrap_or(DrainState::serving(0))
+    }
+
+    fn set(&self, s: DrainState) {
+        self.state.set(Some(s));
+    }
+}
+
+pub struct RootDrain {
+    cache: Rc<Cache>,
+    /// Identifies this worker in the poller lease (context ids repeat across workers).
+    worker_id: u64,
+    poll: Option<u32>,
+    /// Envoy admin calls made from the root context, answered in `on_root_call_response`.
+    admin_calls: Vec<u32>,
+}
+
+impl RootDrain {
+    pub fn new() -> RootDrain {
+        let b = random_bytes();
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&b[..8]);
+        RootDrain {
+            cache: Rc::new(Cache::default()),
+            worker_id: u64::from_le_bytes(id).max(1),
+            poll: None,
+            admin_calls: Vec::new(),
+        }
+    }
+
+    pub fn http(&self) -> HttpDrain {
+        HttpDrain {
+            cache: self.cache.clone(),
+            counted: false,
+            callout: None,
+            sse: None,
+        }
+    }
+}
+
+/// After `on_configure` accepted a configuration.
+pub fn configure(root: &mut Root) {
+    // Without a drain section the tick is left alone (another capability may use it; on_tick
+    // returns early for the drain).
+    let Some(d) = root.config.drain.as_ref() else {
+        return;
+    };
+    init_key(STATE_KEY, &DrainState::serving(now_ms()).encode());
+    init_key(INFLIGHT_KEY, &0u64.to_le_bytes());
+    init_key(LEASE_KEY, &PollLease::default().encode());
+    let (state, _) = read_state();
+    root.drain.cache.set(state);
+    let _ = hostcalls::set_tick_period(Duration::from_millis(u64::from(d.tick_ms())));
+}
+
+pub fn on_tick(root: &mut Root) {
+    let config = root.config.clone();
+    let Some(d) = config.drain.as_ref() else {
+        return;
+    };
+    let now = now_ms();
+    let (state, _) = read_state();
+    root.drain.cache.set(state);
+    root.metrics.drain_state(state.phase(now));
+    root.metrics.drain_inflight(read_inflight());
+    let Some(r) = &d.readiness else {
+        return;
+    };
+    if root.drain.poll.is_some() {
+        return; // the previous poll is still out; its timeout bounds the wait
+    }
+    if !acquire_lease(root.drain.worker_id, now, 3 * u64::from(r.interval_ms)) {
+        return;
+    }
+    match hostcalls::dispatch_http_call(
+        &r.cluster,
+        vec![
+            (":method", "GET"),
+            (":path", &r.path),
+            (":authority", &r.authority),
+        ],
+        None,
+        vec![],
+        Duration::from_millis(u64::from(r.interval_ms)),
+    ) {
+        Ok(token) => root.drain.poll = Some(token),
+        Err(e) => {
+            warn!(
+                "handoff: readiness poll through cluster `{}` not sent: {e:?}",
+                r.cluster
+            );
+            readiness_result(root, d, false);
+        }
+    }
+}
+
+fn acquire_lease(me: u64, now: u64, ttl: u64) -> bool {
+    for _ in 0..CAS_RETRIES {
+        let (bytes, cas) = hostcalls::get_shared_data(LEASE_KEY).unwrap_or((None, None));
+        let lease = bytes
+            .and_then(|b| PollLease::decode(&b))
+            .unwrap_or_default();
+        let Some(next) = lease.acquire(me, now, ttl) else {
+            return false;
+        };
+        match hostcalls::set_shared_data(LEASE_KEY, Some(&next.encode()), cas) {
+            Ok(()) => return true,
+            Err(Status::CasMismatch) => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+pub fn on_root_call_response(root: &mut Root, token: u32) {
+    if root.drain.poll == Some(token) {
+        root.drain.poll = None;
+        let config = root.config.clone();
+        let Some(d) = config.drain.as_ref() else {
+            return;
+        };
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten();
+        readiness_result(root, d, is_ready(status.as_deref()));
+    } else if let Some(i) = root.drain.admin_calls.iter().position(|t| *t == token) {
+        root.drain.admin_calls.swap_remove(i);
+        log_envoy_admin_answer();
+    }
+}
+
+/// Records a readiness answer in the shared lease record and acts on the verdict.
+fn readiness_result(root: &mut Root, d: &Drain, ready: bool) {
+    let Some(r) = &d.readiness else {
+        return;
+    };
+    let mut verdict = ReadinessVerdict::Nothing;
+    for _ in 0..CAS_RETRIES {
+        let (bytes, cas) = hostcalls::get_shared_data(LEASE_KEY).unwrap_or((None, None));
+        let lease = bytes
+            .and_then(|b| PollLease::decode(&b))
+            .unwrap_or_default();
+        if lease.owner != root.drain.worker_id {
+            return; // another worker took over polling
+        }
+        let (next, v) = lease.record(ready, r.failure_threshold);
+        match hostcalls::set_shared_data(LEASE_KEY, Some(&next.encode()), cas) {
+            Ok(()) => {
+                verdict = v;
+                break;
+            }
+            Err(Status::CasMismatch) => continue,
+            Err(_) => return,
+        }
+    }
+    let now = now_ms();
+    let (state, changed, started) = match verdict {
+        ReadinessVerdict::Start => {
+            warn!(
+                "handoff: readiness {}{} failed {} times in a row",
+                r.cluster, r.path, r.failure_threshold
+            );
+            let (s, c) = transition(&|s| s.start(DrainSource::Readiness, now, d.grace_s));
+            (s, c, Some(DrainSource::Readiness))
+        }
+        ReadinessVerdict::Recovered => {
+            if root.drain.cache.get().source != Some(DrainSource::Readiness)
+                && read_state().0.source != Some(DrainSource::Readiness)
+            {
+                return;
+            }
+            let (s, c) = transition(&|s| s.cancel(CancelBy::ReadinessRecovered, now));
+            (s, c, None)
+        }
+        ReadinessVerdict::Nothing => return,
+    };
+    root.drain.cache.set(state);
+    if changed {
+        announce(&root.metrics, &state, started);
+        if let Some(t) = call_envoy_admin(d, started.is_some()) {
+            root.drain.admin_calls.push(t);
+        }
+    }
+}
+
+/// What a paused stream waits for from an Envoy admin call.
+enum Resume {
+    /// Answer the admin request with the state.
+    AdminReply,
+    /// Let the paused response through.
+    Response,
+}
+
+struct Sse {
+    scanner: SseScanner,
+    injected: bool,
+}
+
+/// Per-request drain state.
+pub struct HttpDrain {
+    cache: Rc<Cache>,
+    /// Counted in the in-flight total (decremented exactly once, at the end).
+    counted: bool,
+    callout: Option<(u32, Resume)>,
+    sse: Option<Sse>,
+}
+
+fn send(http: &Http, reply: Reply) {
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    http.send_http_response(u32::from(reply.status), headers, Some(&reply.body));
+}
+
+fn status_reply() -> Reply {
+    let (state, _) = read_state();
+    let body = status_json(state.phase(now_ms()), state.since_ms, read_inflight());
+    Reply {
+        status: 200,
+        headers: vec![
+            ("content-type".to_string(), "application/json".to_string()),
+            ("cache-control".to_string(), "no-store".to_string()),
+        ],
+        body: body.into_bytes(),
+    }
+}
+
+/// Runs first on every request. `Some(action)` when the drain answered the request itself.
+pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Option<Action> {
+    let config = http.config.clone();
+    let d = config.drain.as_ref()?;
+    if let Some(admin) = &d.admin {
+        let path = http.get_http_request_header(":path").unwrap_or_default();
+        if is_admin_path(&path, &admin.path) {
+            return Some(admin_request(http, d, &path, end_of_stream));
+        }
+    }
+    let now = now_ms();
+    if http.drain.cache.get().phase(now) == Phase::Drained {
+        http.metrics.drain_rejected();
+        let reply = Reply::problem(
+            503,
+            DRAINED_ANCHOR,
+            "Instance drained",
+            "This instance is shutting down and did not process the request; \
+             retry it on another instance.",
+        )
+        .with_header("retry-after", d.retry_after_s.to_string());
+        send(http, reply);
+        return Some(Action::Pause);
+    }
+    http.metrics.drain_inflight(add_inflight(1));
+    http.drain.counted = true;
+    None
+}
+
+fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) -> Action {
+    let token = d.admin.as_ref().and_then(|a| a.token_sha256.as_ref());
+    let address = |side: &str| {
+        hostcalls::get_property(vec![side, "address"])
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+    };
+    let peer = address("source");
+    let loopback = is_loopback_request(
+        peer.as_deref(),
+        address("destination").as_deref(),
+        http.get_http_request_header("x-forwarded-for").is_some(),
+    );
+    let authorization = http.get_http_request_header("authorization");
+    if authorize(loopback, authorization.as_deref(), token) == AdminAuth::Denied {
+        warn!(
+            "handoff[{}]: drain admin request refused from {}",
+            http.context_id,
+            peer.as_deref().unwrap_or("an unknown peer")
+        );
+        send(
+            http,
+            Reply::problem(
+                403,
+                FORBIDDEN_ANCHOR,
+                "Drain admin refused",
+                "The drain admin path is open to loopback peers and to the configured bearer \
+                 token only.",
+            ),
+        );
+        return Action::Pause;
+    }
+    let method = http.get_http_request_header(":method").unwrap_or_default();
+    match admin_action(&method) {
+        AdminAction::Report => send(http, status_reply()),
+        AdminAction::Cancel => {
+            let (state, changed) = transition(&|s| s.cancel(CancelBy::Admin, now_ms()));
+            http.drain.cache.set(state);
+            if changed {
+                announce(&http.metrics, &state, None);
+                if let Some(t) = call_envoy_admin(d, false) {
+                    http.drain.callout = Some((t, Resume::AdminReply));
+                    return Action::Pause;
+                }
+            }
+            send(http, status_reply());
+        }
+        AdminAction::Start => {
+            let has_body = !end_of_stream
+                && http.get_http_request_header("content-length").as_deref() != Some("0");
+            match start_grace(path, has_body) {
+                Ok(grace) => return start_by_admin(http, d, grace),
+                Err(m) => send(
+                    http,
+                    Reply::problem(400, "drain-admin", "Invalid drain request", &m),
+                ),
+            }
+        }
+        AdminAction::NotAllowed => {
+            let mut r = Reply::problem(
+                405,
+                "drain-admin",
+                "Method not allowed",
+                "Use GET (state), POST (start a drain) or DELETE (cancel it).",
+            );
+            r = r.with_header("allow", "GET, POST, DELETE");
+            send(http, r);
+        }
+    }
+    Action::Pause
+}
+
+fn start_by_admin(http: &mut Http, d: &Drain, grace_s: Option<u32>) -> Action {
+    let grace = grace_s.unwrap_or(d.grace_s);
+    let (state, changed) = transition(&|s| s.start(DrainSource::Admin, now_ms(), grace));
+    http.drain.cache.set(state);
+    if changed {
+        announce(&http.metrics, &state, Some(DrainSource::Admin));
+        if let Some(t) = call_envoy_admin(d, true) {
+            http.drain.callout = Some((t, Resume::AdminReply));
+            return Action::Pause;
+        }
+    }
+    send(http, status_reply());
+    Action::Pause
+}
+
+pub fn on_response_headers(http: &mut Http) -> Action {
+    if !http.drain.counted {
+        return Action::Continue;
+    }
+    let config = http.config.clone();
+    let Some(d) = config.drain.as_ref() else {
+        return Action::Continue;
+    };
+    let now = now_ms();
+    let mut state = http.drain.cache.get();
+    let mut action = Action::Continue;
+    if let Some(h) = &d.upstream_signal {
+        if state.source.is_none() && http.get_http_response_header(h).is_some() {
+            let (s, changed) =
+                transition(&|s| s.start(DrainSource::UpstreamSignal, now, d.grace_s));
+            http.drain.cache.set(s);
+            state = s;
+            if changed {
+                announce(&http.metrics, &s, Some(DrainSource::UpstreamSignal));
+                if let Some(t) = call_envoy_admin(d, true) {
+                    // Hold this response until Envoy's admin answered, so the call outlives
+                    // no stream.
+                    http.drain.callout = Some((t, Resume::Response));
+                    action = Action::Pause;
+                }
+            }
+        }
+    }
+    if state.phase(now) != Phase::Serving {
+        let n = hint_ms(d.reconnect_jitter_ms, random_u32());
+        http.set_http_response_header(HINT_HEADER, Some(&n.to_string()));
+        http.metrics.drain_hinted();
+    }
+    let is_sse = http
+        .get_http_response_header("content-type")
+        .is_some_and(|c| c.trim_start().starts_with("text/event-stream"));
+    if is_sse {
+        // An injected event changes the length.
+        http.set_http_response_header("content-length", None);
+        http.drain.sse = Some(Sse {
+            scanner: SseScanner::default(),
+            injected: false,
+        });
+    }
+    action
+}
+
+/// Event streams: follows event boundaries, and injects one `reconnect` event at the first
+/// chunk seen while draining.
+pub fn on_response_body(http: &mut Http, body_size: usize) {
+    let Some(sse) = http.drain.sse.as_ref() else {
+        return;
+    };
+    if sse.injected || body_size == 0 {
+        return;
+    }
+    let config = http.config.clone();
+    let Some(d) = config.drain.as_ref() else {
+        return;
+    };
+    let chunk = http
+        .get_http_response_body(0, body_size)
+        .unwrap_or_default();
+    let draining = http.drain.cache.get().phase(now_ms()) != Phase::Serving;
+    let Some(sse) = http.drain.sse.as_mut() else {
+        return;
+    };
+    if !draining {
+        sse.scanner.observe(&chunk);
+        return;
+    }
+    let event = reconnect_event(hint_ms(d.reconnect_jitter_ms, random_u32()));
+    if let Some(new) = sse.scanner.inject(&chunk, event.as_bytes()) {
+        sse.injected = true;
+        let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &new);
+    }
+}
+
+pub fn on_http_call_response(http: &mut Http, token: u32) {
+    let Some((t, resume)) = http.drain.callout.take() else {
+        return;
+    };
+    if t != token {
+        http.drain.callout = Some((t, resume));
+        return;
+    }
+    log_envoy_admin_answer();
+    match resume {
+        Resume::AdminReply => send(http, status_reply()),
+        Resume::Response => http.resume_http_response(),
+    }
+}
+
+/// The end of a stream (`on_log` or `on_done`, whichever comes first).
+pub fn on_end(http: &mut Http) {
+    if std::mem::take(&mut http.drain.counted) {
+        http.metrics.drain_inflight(add_inflight(-1));
+    }
+}
