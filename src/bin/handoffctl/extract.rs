@@ -124,9 +124,13 @@ fn from_document(path: &str, n: usize, doc: &Value, out: &mut Vec<Found>) -> Res
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string(),
-            Some(c) => return Err(Failure::invalid(format!(
-                "{label}: configuration must be a {STRING_VALUE_TYPE} holding JSON text, got {c}"
-            ))),
+            Some(c) => {
+                let got = c.get("@type").and_then(Value::as_str).unwrap_or("no @type");
+                let want = STRING_VALUE_TYPE;
+                return Err(Failure::invalid(format!(
+                    "{label}: configuration must be a {want} holding JSON text, got {got}"
+                )));
+            }
         };
         out.push(Found { label, json });
     }
