@@ -269,6 +269,25 @@ fn cohort_prints_variant_bucket_and_reason() {
 }
 
 #[test]
+fn cohort_reads_the_client_wasmplugin_of_a_manifest() {
+    // istio/wasmplugin.yaml has two WasmPlugins; only handoff-client has a canary section.
+    let o = run(&[
+        "cohort",
+        "--config",
+        "istio/wasmplugin.yaml",
+        "--user",
+        "alice",
+    ]);
+    expect(&o, 0);
+    let bucket = canary::bucket("payments-v2-2026-11", "alice");
+    assert!(
+        stdout(&o).contains(&format!("bucket: {bucket} (canary below 1000)")),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
 fn cohort_rejects_an_invalid_percent_like_the_filter() {
     let o = cohort("alice", &["--percent", "150"]);
     expect(&o, 1);

@@ -41,21 +41,30 @@ pub fn plugin_configs(path: &str) -> Result<Vec<Found>, Failure> {
         }
     }
     let mut found = Vec::new();
-    let mut documents = 0;
+    let mut values = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
         let value: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc)
             .map_err(|e| Failure::invalid(format!("{path}: not YAML or JSON: {e}")))?;
         if value.is_null() {
             continue;
         }
-        documents += 1;
         let value: Value = serde_json::to_value(&value).map_err(|e| {
             Failure::invalid(format!(
                 "{path}: document {}: not JSON-like YAML: {e}",
                 i + 1
             ))
         })?;
-        from_document(path, i + 1, &value, &mut found)?;
+        values.push((i + 1, value));
+    }
+    let documents = values.len();
+    for (n, value) in values {
+        // Name the document only where a file has several.
+        let place = if documents > 1 {
+            format!("{path}: document {n}")
+        } else {
+            path.to_string()
+        };
+        from_document(&place, &value, &mut found)?;
     }
     if found.is_empty() {
         return Err(Failure::invalid(format!(
@@ -73,7 +82,7 @@ fn looks_like_envoy_or_k8s(v: &Value) -> bool {
         .any(|k| v.get(k).is_some())
 }
 
-fn from_document(path: &str, n: usize, doc: &Value, out: &mut Vec<Found>) -> Result<(), Failure> {
+fn from_document(place: &str, doc: &Value, out: &mut Vec<Found>) -> Result<(), Failure> {
     let kind = doc.get("kind").and_then(Value::as_str);
     let name = doc
         .pointer("/metadata/name")
@@ -97,7 +106,7 @@ fn from_document(path: &str, n: usize, doc: &Value, out: &mut Vec<Found>) -> Res
             None => String::new(),
         };
         out.push(Found {
-            label: format!("{path}: {} {name}", kind.unwrap_or_default()),
+            label: format!("{place}: {} {name}", kind.unwrap_or_default()),
             json,
         });
         return Ok(());
@@ -105,7 +114,7 @@ fn from_document(path: &str, n: usize, doc: &Value, out: &mut Vec<Found>) -> Res
     if kind.is_none() && doc.is_object() && !looks_like_envoy_or_k8s(doc) {
         // A plugin configuration written as YAML.
         out.push(Found {
-            label: format!("{path}: document {n}"),
+            label: place.to_string(),
             json: doc.to_string(),
         });
         return Ok(());
@@ -114,8 +123,8 @@ fn from_document(path: &str, n: usize, doc: &Value, out: &mut Vec<Found>) -> Res
     find_wasm_filters(doc, &mut filters);
     for (i, (filter_name, config)) in filters.into_iter().enumerate() {
         let label = match filter_name {
-            Some(f) => format!("{path}: document {n}: wasm filter `{f}`"),
-            None => format!("{path}: document {n}: wasm filter #{}", i + 1),
+            Some(f) => format!("{place}: wasm filter `{f}`"),
+            None => format!("{place}: wasm filter #{}", i + 1),
         };
         let json = match config {
             None => String::new(),
