@@ -24,7 +24,7 @@ help:
 	@echo "make test   everything CI runs: fmt, clippy, unit, config validation, wasm, e2e"
 	@echo "make build  $(WASM)"
 	@echo "make image  the OCI image Istio pulls ($(IMAGE_DIR)) + manifests pinned to it ($(RENDERED_DIR))"
-	@echo "make istio-sync  pin istio/*.yaml to the current build (sha256 values)"
+	@echo "make istio-sync  istio/: pluginConfig from the envoy/ twins, sha256 for the current build"
 	@echo "make setup  install what the above need (rust targets, Envoy, Debian tools)"
 
 setup: rust-targets envoy apt-tools wasm-bindgen
@@ -87,8 +87,10 @@ image: build
 	$(HANDOFFCTL) image --wasm $(WASM) --out $(IMAGE_DIR) --tag $(IMAGE_TAG) \
 	  --manifests istio --render $(RENDERED_DIR)
 
-# Rewrites the sha256 values in istio/ for the current build (commit the result with a release).
+# Sets istio/'s pluginConfig blocks from their Envoy twins (envoy/client-side.yaml,
+# envoy/server-side.yaml) and its sha256 values for the current build.
 istio-sync: image
+	$(HANDOFFCTL) sync --client envoy/client-side.yaml --server envoy/server-side.yaml istio
 	$(HANDOFFCTL) image --wasm $(WASM) --out $(IMAGE_DIR) --tag $(IMAGE_TAG) \
 	  --manifests istio --render istio
 

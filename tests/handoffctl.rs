@@ -339,3 +339,71 @@ fn schema_prints_the_committed_schema() {
         "handoff.schema.json is stale; regenerate it with\n    cargo run --bin handoffctl -- schema > handoff.schema.json"
     );
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn sync_leaves_the_committed_manifests_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("istio");
+    copy_dir(&repo().join("istio"), &copy);
+    let o = run(&["sync", copy.to_str().unwrap()]);
+    expect(&o, 0);
+    for file in manifests::yaml_files(&repo().join("istio")) {
+        let rel = file.strip_prefix(repo().join("istio")).unwrap();
+        assert!(
+            std::fs::read_to_string(&file).unwrap()
+                == std::fs::read_to_string(copy.join(rel)).unwrap(),
+            "istio/{} differs from its Envoy twin's configuration; run `make istio-sync`",
+            rel.display()
+        );
+    }
+}
+
+#[test]
+fn sync_copies_each_twins_configuration_into_the_manifests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("istio");
+    copy_dir(&repo().join("istio"), &copy);
+    let twin = std::fs::read_to_string(repo().join("envoy/client-side.yaml")).unwrap();
+    assert!(twin.contains("\"percent\": 10,"));
+    let (_d, client) = temp_file(
+        "client.yaml",
+        &twin.replace("\"percent\": 10,", "\"percent\": 33,"),
+    );
+    let o = run(&["sync", "--client", &client, copy.to_str().unwrap()]);
+    expect(&o, 0);
+    assert!(
+        stdout(&o).contains("3 pluginConfig block(s) rewritten"),
+        "{}",
+        stdout(&o)
+    );
+    let mut seen = 0;
+    for file in manifests::yaml_files(&copy) {
+        for doc in manifests::yaml_docs(&file) {
+            let Some(config) = manifests::plugin_config(&doc) else {
+                continue;
+            };
+            let want = if doc["spec"]["match"][0]["mode"] == "CLIENT" {
+                serde_json::json!(33)
+            } else {
+                serde_json::Value::Null
+            };
+            assert_eq!(config["canary"]["percent"], want, "{}", file.display());
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 6);
+    expect(&run(&["sync"]), 2);
+}

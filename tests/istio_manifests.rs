@@ -302,7 +302,7 @@ fn plugin_configs_equal_their_envoy_twins() {
         assert_eq!(
             config,
             envoy,
-            "{}: pluginConfig differs from the configuration in {twin}",
+            "{}: pluginConfig differs from the configuration in {twin}; run `make istio-sync`",
             describe(&file, n, &doc)
         );
         compared += 1;

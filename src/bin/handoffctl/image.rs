@@ -170,7 +170,7 @@ pub fn render_manifests(src: &Path, dest: &Path, built: &Built) -> Result<usize,
     Ok(changed)
 }
 
-fn yaml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<(), String> {
+pub fn yaml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<(), String> {
     let entries =
         std::fs::read_dir(dir).map_err(|e| format!("image: cannot read {}: {e}", dir.display()))?;
     for entry in entries {
@@ -224,7 +224,7 @@ fn set_digests(text: &str, built: &Built) -> (String, usize) {
 }
 
 /// Splits YAML text at `---` lines, each part keeping its separator line.
-fn split_documents(text: &str) -> Vec<&str> {
+pub fn split_documents(text: &str) -> Vec<&str> {
     let mut parts = Vec::new();
     let mut start = 0;
     let mut offset = 0;

@@ -3,6 +3,7 @@
 
 mod extract;
 mod image;
+mod sync;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -40,6 +41,12 @@ USAGE:
       tar+gzip layer holding plugin.wasm). With --manifests, copy the *.yaml of SRC to DEST
       with each `sha256:` set for its `url:` (oci:// gets the image manifest digest, file://
       and http(s):// the module's own sha256).
+
+  handoffctl sync [--client ENVOY.yaml] [--server ENVOY.yaml] DIR
+      Set the pluginConfig of every WasmPlugin / TrafficExtension under DIR to the plugin
+      configuration of its Envoy twin: --client (default envoy/client-side.yaml) for
+      `match: [{mode: CLIENT}]`, --server (default envoy/server-side.yaml) for SERVER. Only
+      the pluginConfig blocks are rewritten (what `make istio-sync` runs).
 
   handoffctl help | --help | -h      this text
   handoffctl --version | -V          the version
@@ -91,7 +98,7 @@ fn main() -> ExitCode {
 fn run(args: &[String]) -> Result<(), Failure> {
     let Some((command, rest)) = args.split_first() else {
         return Err(Failure::usage(
-            "missing command (check, cohort, translate, schema, image); see handoffctl --help",
+            "missing command (check, cohort, translate, schema, image, sync); see handoffctl --help",
         ));
     };
     match command.as_str() {
@@ -108,6 +115,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
         "translate" => translate(rest),
         "schema" => schema(rest),
         "image" => image_command(rest),
+        "sync" => sync_command(rest),
         other => Err(Failure::usage(format!(
             "unknown command `{other}`; see handoffctl --help"
         ))),
@@ -452,5 +460,30 @@ fn image_command(args: &[String]) -> Result<(), Failure> {
             dest.display()
         );
     }
+    Ok(())
+}
+
+fn sync_command(args: &[String]) -> Result<(), Failure> {
+    let opts = Options::parse("sync", args, &["client", "server"], &[])?;
+    let [dir] = &opts.positional[..] else {
+        return Err(Failure::usage(
+            "sync: expected one manifest directory; see handoffctl --help",
+        ));
+    };
+    let twins = sync::Twins {
+        client: opts
+            .get("client")
+            .unwrap_or("envoy/client-side.yaml")
+            .to_string(),
+        server: opts
+            .get("server")
+            .unwrap_or("envoy/server-side.yaml")
+            .to_string(),
+    };
+    let changed = sync::sync(std::path::Path::new(dir), &twins)?;
+    println!(
+        "{dir}: {changed} pluginConfig block(s) rewritten from {} and {}",
+        twins.client, twins.server
+    );
     Ok(())
 }
