@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::Failure;
+use crate::app::Failure;
 
 const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";

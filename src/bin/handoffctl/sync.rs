@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
+use crate::app::Failure;
 use crate::extract;
-use crate::Failure;
 
 pub struct Twins {
     pub client: String,
