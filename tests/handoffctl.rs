@@ -153,6 +153,20 @@ fn check_accepts_json_wasmplugins_trafficextensions_and_envoy_configs() {
         stdout(&o)
     );
 
+    // An Envoy config written as JSON.
+    let bootstrap: serde_json::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(repo().join("envoy/canary.yaml")).unwrap(),
+    )
+    .unwrap();
+    let (_d3, as_json) = temp_file("envoy.json", &bootstrap.to_string());
+    let o = run(&["check", &as_json]);
+    expect(&o, 0);
+    assert!(
+        stdout(&o).contains("wasm filter `handoff`: canary 12.5%"),
+        "{}",
+        stdout(&o)
+    );
+
     let (_d, yaml) = temp_file(
         "plain.yaml",
         "canary:\n  salt: s\n  percent: 1\n  user_id: [{header: x}]\n",

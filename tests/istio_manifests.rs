@@ -550,3 +550,45 @@ fn the_deployment_runs_the_prestop_drain_script_in_the_sidecar() {
         "the app port the EnvoyFilter's `app` cluster and the drain URL use"
     );
 }
+
+/// The clusters the EnvoyFilter adds, loaded by a real Envoy (`--mode validate`): the patch
+/// values are Envoy protos that no CRD schema checks.
+#[test]
+fn envoyfilter_clusters_are_valid_envoy_clusters() {
+    let mut clusters = Vec::new();
+    for (_, _, doc) in istio_documents() {
+        if doc["kind"] != "EnvoyFilter" {
+            continue;
+        }
+        for patch in doc["spec"]["configPatches"].as_array().unwrap() {
+            if patch["applyTo"] == "CLUSTER" && patch["patch"]["operation"] == "ADD" {
+                clusters.push(patch["patch"]["value"].clone());
+            }
+        }
+    }
+    let names: Vec<&str> = clusters.iter().filter_map(|c| c["name"].as_str()).collect();
+    for needed in ["envoy_admin", "etcd", "app"] {
+        assert!(
+            names.contains(&needed),
+            "EnvoyFilter lacks cluster {needed}: {names:?}"
+        );
+    }
+    let bootstrap = json!({"static_resources": {"clusters": clusters}});
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("clusters.json");
+    std::fs::write(&path, bootstrap.to_string()).unwrap();
+    let envoy = std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/envoy"));
+    let out = std::process::Command::new(&envoy)
+        .args(["--mode", "validate", "-l", "error", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (make envoy installs it)", envoy.display()));
+    assert!(
+        out.status.success(),
+        "Envoy rejects the EnvoyFilter's clusters:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
