@@ -343,6 +343,98 @@ fn translate_needs_a_translate_section() {
     );
 }
 
+fn translate(args: &[&str], body: &str) -> Output {
+    let mut all = vec!["translate", "--config", "envoy/translate.yaml"];
+    all.extend_from_slice(args);
+    run_with_stdin(&all, body.as_bytes())
+}
+
+fn json_out(o: &Output) -> serde_json::Value {
+    serde_json::from_str(stdout(o).trim()).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
+}
+
+#[test]
+fn translate_rewrites_a_request_like_the_filter() {
+    let o = translate(
+        &["--route", "payments", "--to", "v2"],
+        r#"{"amount": 12.5, "currency": "EUR", "customer_id": "c-1"}"#,
+    );
+    expect(&o, 0);
+    assert_eq!(
+        json_out(&o),
+        serde_json::json!({"amount": {"value": 12.5, "currency": "EUR"},
+                           "customer": {"id": "c-1", "email": null}})
+    );
+    // The mirror direction reads the same entries backwards.
+    let o = translate(
+        &["--route", "payments", "--to", "v1"],
+        r#"{"amount": {"value": 3, "currency": "USD"}, "customer": {"id": "c-2"}}"#,
+    );
+    expect(&o, 0);
+    assert_eq!(
+        json_out(&o),
+        serde_json::json!({"amount": 3, "currency": "USD", "customer_id": "c-2"})
+    );
+}
+
+#[test]
+fn translate_rewrites_a_response_with_arrays() {
+    let o = translate(
+        &["--route", "payments", "--to", "v1", "--response"],
+        r#"{"data": [{"id": "a", "status": "ok"}, {"id": "b"}]}"#,
+    );
+    expect(&o, 0);
+    assert_eq!(
+        json_out(&o),
+        serde_json::json!({"payments": [{"transaction_id": "a"}, {"transaction_id": "b"}]})
+    );
+}
+
+#[test]
+fn translate_errors_print_the_filters_problem_and_exit_1() {
+    // A missing required field: 422 naming the pointer.
+    let o = translate(&["--route", "payments", "--to", "v2"], r#"{"amount": 1}"#);
+    expect(&o, 1);
+    let p = json_out(&o);
+    assert_eq!(p["status"], 422, "{p}");
+    assert!(
+        p["detail"].as_str().unwrap().contains("/customer_id"),
+        "{p}"
+    );
+    assert!(stderr(&o).contains("422"), "{}", stderr(&o));
+    // Not JSON: 400 with the position.
+    let o = translate(&["--route", "payments", "--to", "v2"], "{\"amount\": ");
+    expect(&o, 1);
+    assert_eq!(json_out(&o)["status"], 400);
+    // An unknown route names the routes there are.
+    let o = translate(&["--route", "nope", "--to", "v2"], "{}");
+    expect(&o, 1);
+    assert!(stderr(&o).contains("routes: payments"), "{}", stderr(&o));
+}
+
+#[test]
+fn translate_enforces_max_body_bytes_with_413() {
+    let cfg = serde_json::json!({"translate": {"routes": [{
+        "name": "small", "v1_prefix": "/v1", "v2_prefix": "/v2", "backend": "v2",
+        "request": [{"v1": "/a", "v2": "/b"}], "max_body_bytes": 200}]}});
+    let (_dir, path) = temp_file("small.json", &cfg.to_string());
+    let big = format!(r#"{{"a": "{}"}}"#, "x".repeat(300));
+    let o = run_with_stdin(
+        &[
+            "translate",
+            "--config",
+            &path,
+            "--route",
+            "small",
+            "--to",
+            "v2",
+        ],
+        big.as_bytes(),
+    );
+    expect(&o, 1);
+    assert_eq!(json_out(&o)["status"], 413);
+}
+
 #[test]
 fn schema_prints_the_committed_schema() {
     let o = run(&["schema"]);

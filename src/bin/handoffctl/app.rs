@@ -2,6 +2,7 @@
 
 use crate::{extract, image, sync};
 
+use handoff::translate::{ApiVersion, Message};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -390,17 +391,63 @@ fn translate(args: &[String]) -> Result<(), Failure> {
             "translate: --to expects v1 or v2, got `{to}`"
         )));
     }
-    let _response = opts.flag("response");
+    let response = opts.flag("response");
     let mut body = Vec::new();
     std::io::stdin()
         .read_to_end(&mut body)
         .map_err(|e| Failure::invalid(format!("translate: cannot read stdin: {e}")))?;
-    let _config = load_section(path, "translate", |_| Ok(()))?;
-    // This build's configuration has no `translate` section yet (it lands with the translate
-    // capability), so `load_section` above has already failed on any config that has one.
-    Err(Failure::invalid(format!(
-        "translate: route `{route}`: this build has no translate capability"
-    )))
+    let config = load_section(path, "translate", |_| Ok(()))?;
+    let Some(t) = config.translate else {
+        return Err(Failure::invalid(format!(
+            "translate: {path} has no `translate` section"
+        )));
+    };
+    let Some(r) = t.routes.iter().find(|r| r.name == route) else {
+        let names: Vec<&str> = t.routes.iter().map(|r| r.name.as_str()).collect();
+        return Err(Failure::invalid(format!(
+            "translate: no route `{route}` in {path} (routes: {})",
+            names.join(", ")
+        )));
+    };
+    let to = if to == "v1" {
+        ApiVersion::V1
+    } else {
+        ApiVersion::V2
+    };
+    // A request is translated from the other version into `to`; a response into `to` (the
+    // version of the client that reads it). The filter's own size check comes first.
+    let (message, result) = if response {
+        (
+            Message::Response,
+            r.check_size(body.len())
+                .and_then(|()| r.translate_response(to, &body)),
+        )
+    } else {
+        (
+            Message::Request,
+            r.check_size(body.len())
+                .and_then(|()| r.translate_request(to.other(), &body)),
+        )
+    };
+    let mut out = std::io::stdout();
+    match result {
+        Ok(translated) => out
+            .write_all(&translated)
+            .and_then(|()| out.write_all(b"\n"))
+            .map_err(|e| Failure::invalid(format!("translate: cannot write: {e}"))),
+        Err(e) => {
+            // The same problem+json the filter would send, on stdout; the reason on stderr.
+            let reply = e.reply(message);
+            let _ = out
+                .write_all(&reply.body)
+                .and_then(|()| out.write_all(b"\n"));
+            Err(Failure::invalid(format!(
+                "translate: route `{route}`: {} {}",
+                reply.status,
+                e.detail()
+            )))
+        }
+    }
 }
 
 fn schema(args: &[String]) -> Result<(), Failure> {
