@@ -224,12 +224,24 @@ D2_GAPS = [
     "`unmapped: keep`: REPLACE drops, MERGE keeps the original keys next to the renamed ones",
 ]
 
-# The translate setup as shipped (envoy/translate.yaml, issue 3) puts two small Lua "hold" filters
-# around handoff: they buffer a translated request / response until its body is complete (exact
-# content-length, and a failed translation never half-reaches the other side). They are part of
-# what translation costs, so C2, C3 and C4 carry them too. Keep in step with envoy/translate.yaml.
-LUA_HOLD = """\
-function envoy_on_%s(h)
+# The shipped configs (envoy/*.yaml) put small Lua "hold" filters around handoff: the one after
+# it holds requests handoff marks with x-handoff-hold (translation, idempotency fingerprint) until
+# their body is complete; the one before it holds translated responses (exact content-length, a
+# failed translation becomes a 502). They are part of what these capabilities cost, so the
+# variants carry them too. Keep in step with envoy/translate.yaml and envoy/idempotency.yaml.
+LUA_HOLD_REQUEST = """\
+function envoy_on_request(h)
+  if h:headers():get("x-handoff-hold") ~= nil then
+    h:headers():remove("x-handoff-hold")
+    local body = h:body()
+    if body ~= nil then
+      h:headers():replace("content-length", tostring(body:length()))
+    end
+  end
+end
+"""
+LUA_HOLD_RESPONSE = """\
+function envoy_on_response(h)
   if h:headers():get("x-handoff-translated") ~= nil then
     local body = h:body()
     if body ~= nil then
@@ -248,9 +260,12 @@ def lua_filter(name, code):
 def handoff_chain(plugin_config):
     """The handoff filter as the shipped configs deploy it for these sections."""
     f = wasm_filter("handoff", HANDOFF_WASM, plugin_config)
+    chain = [f]
     if "translate" in plugin_config:
-        return [lua_filter("handoff-hold-response", LUA_HOLD % "response"), f, lua_filter("handoff-hold-request", LUA_HOLD % "request")]
-    return [f]
+        chain.insert(0, lua_filter("handoff-hold-response", LUA_HOLD_RESPONSE))
+    if "translate" in plugin_config or "idempotency" in plugin_config:
+        chain.append(lua_filter("handoff-hold-request", LUA_HOLD_REQUEST))
+    return chain
 
 
 STATS_TAGS = [
