@@ -656,20 +656,27 @@ pub fn is_admin_path(request_path: &str, admin_path: &str) -> bool {
     p == admin_path
 }
 
-/// The grace of an admin `POST`: `?grace_s=N` on the admin path, or the configured one.
+/// The grace of an admin `POST`: `{"grace_s": N}` in the body, else `?grace_s=N` on the admin
+/// path, else (`None`) the configured one. `body` is `None` when the request has none.
 ///
-/// A request body cannot carry it: proxy-wasm turns a paused request-headers callback into
-/// "stop all iteration", so a filter sees a body only after the headers went on to the router,
-/// and the admin path must never reach the app. A `POST` with a body is refused (400) rather
-/// than having its body ignored.
-pub fn start_grace(request_path: &str, has_body: bool) -> Result<Option<u32>, String> {
-    if has_body {
-        return Err(
-            "send no request body: pass the grace as a query parameter, `POST <path>?grace_s=N`"
-                .to_string(),
-        );
+/// proxy-wasm cannot hold request headers while a filter reads the body, so a `POST` with a
+/// body is held by the hold filter after handoff (see `x-handoff-hold` in the shipped configs)
+/// until handoff has read it and answered: the admin path still never reaches the app.
+pub fn start_grace(request_path: &str, body: Option<&[u8]>) -> Result<Option<u32>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct StartBody {
+        grace_s: Option<i64>,
     }
-    match crate::source::query_value(request_path, "grace_s") {
+    let from_body = match body.filter(|b| !b.iter().all(u8::is_ascii_whitespace)) {
+        None => None,
+        Some(b) => serde_json::from_slice::<StartBody>(b)
+            .map_err(|e| format!("expected a JSON body like {{\"grace_s\": 5}}: {e}"))?
+            .grace_s
+            .map(|g| g.to_string()),
+    };
+    let value = from_body.or_else(|| crate::source::query_value(request_path, "grace_s"));
+    match value {
         None => Ok(None),
         Some(v) => match v.parse::<u32>() {
             Ok(g) if g <= MAX_GRACE_S => Ok(Some(g)),
@@ -1061,16 +1068,26 @@ mod tests {
         assert_eq!(admin_action("GET"), AdminAction::Report);
         assert_eq!(admin_action("PUT"), AdminAction::NotAllowed);
         let p = DEFAULT_ADMIN_PATH;
-        assert_eq!(start_grace(p, false), Ok(None));
-        assert_eq!(start_grace(&format!("{p}?grace_s=3"), false), Ok(Some(3)));
+        assert_eq!(start_grace(p, None), Ok(None));
+        assert_eq!(start_grace(&format!("{p}?grace_s=3"), None), Ok(Some(3)));
         assert_eq!(
-            start_grace(&format!("{p}?x=1&grace_s=0"), false),
+            start_grace(&format!("{p}?x=1&grace_s=0"), None),
             Ok(Some(0))
         );
-        assert!(start_grace(&format!("{p}?grace_s=-1"), false).is_err());
-        assert!(start_grace(&format!("{p}?grace_s=soon"), false).is_err());
-        assert!(start_grace(&format!("{p}?grace_s=999999"), false).is_err());
-        assert!(start_grace(p, true).is_err());
+        assert!(start_grace(&format!("{p}?grace_s=-1"), None).is_err());
+        assert!(start_grace(&format!("{p}?grace_s=soon"), None).is_err());
+        assert!(start_grace(&format!("{p}?grace_s=999999"), None).is_err());
+        // The JSON body of the contract, which wins over the query.
+        assert_eq!(start_grace(p, Some(br#"{"grace_s": 7}"#)), Ok(Some(7)));
+        assert_eq!(
+            start_grace(&format!("{p}?grace_s=3"), Some(br#"{"grace_s": 0}"#)),
+            Ok(Some(0))
+        );
+        assert_eq!(start_grace(p, Some(b"{}")), Ok(None));
+        assert_eq!(start_grace(p, Some(b" \n")), Ok(None));
+        assert!(start_grace(p, Some(br#"{"grace_s": -2}"#)).is_err());
+        assert!(start_grace(p, Some(br#"{"grace": 2}"#)).is_err());
+        assert!(start_grace(p, Some(b"grace_s=2")).is_err());
         let v: serde_json::Value =
             serde_json::from_str(&status_json(Phase::Draining, 17, 3)).unwrap();
         assert_eq!(

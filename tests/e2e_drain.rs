@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
-use support::{h1, h2, wait_for, Backend, Envoy, EnvoyOpts};
+use support::{clients, h1, h2, wait_for, Backend, Envoy, EnvoyOpts};
 
 const ADMIN: &str = "/.well-known/handoff/drain";
 const HINT: &str = "x-handoff-reconnect-after-ms";
@@ -693,4 +693,44 @@ async fn a_drain_section_without_a_trigger_is_refused() {
         log.contains("invalid configuration at `drain`: expected at least one trigger"),
         "{log}"
     );
+}
+
+#[tokio::test]
+async fn an_admin_post_takes_the_grace_from_its_json_body_and_never_reaches_the_app() {
+    let app = Backend::start("app", "v1");
+    let envoy = start(
+        &app,
+        2,
+        drain_config(|d| {
+            d.as_object_mut().unwrap().remove("readiness");
+            d["grace_s"] = json!(600);
+        }),
+    )
+    .await;
+    for (proto, client) in clients() {
+        // A body that is not the contract's shape is refused, and the drain does not start.
+        let r = client
+            .post(envoy.url(ADMIN))
+            .header("content-type", "application/json")
+            .body(r#"{"grace": 0}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{proto}");
+        assert_eq!(state(&envoy).await["state"], "serving", "{proto}");
+        // {"grace_s": 0} overrides the configured 600 s: drained at once.
+        let r = client
+            .post(envoy.url(ADMIN))
+            .header("content-type", "application/json")
+            .body(r#"{"grace_s": 0}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{proto}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["state"], "drained", "{proto}: {v}");
+        let r = client.delete(envoy.url(ADMIN)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{proto}");
+    }
+    assert_eq!(app.requests().await, 0, "the admin path reached the app");
 }

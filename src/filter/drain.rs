@@ -208,6 +208,7 @@ impl RootDrain {
             counted: false,
             callout: None,
             sse: None,
+            admin_body: None,
         }
     }
 }
@@ -377,6 +378,8 @@ pub struct HttpDrain {
     counted: bool,
     callout: Option<(u32, Resume)>,
     sse: Option<Sse>,
+    /// An admin `POST` whose body is being read (its `:path`).
+    admin_body: Option<String>,
 }
 
 fn send(http: &Http, reply: Reply) {
@@ -481,12 +484,16 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
         AdminAction::Start => {
             let has_body = !end_of_stream
                 && http.get_http_request_header("content-length").as_deref() != Some("0");
-            match start_grace(path, has_body) {
+            if has_body {
+                // Read `{"grace_s": N}` first; the hold filter after handoff keeps the headers
+                // from the app meanwhile.
+                http.drain.admin_body = Some(path.to_string());
+                http.set_http_request_header(super::HOLD_HEADER, Some("1"));
+                return Action::Continue;
+            }
+            match start_grace(path, None) {
                 Ok(grace) => return start_by_admin(http, d, grace),
-                Err(m) => send(
-                    http,
-                    Reply::problem(400, "drain-admin", "Invalid drain request", &m),
-                ),
+                Err(m) => send(http, invalid_start(&m)),
             }
         }
         AdminAction::NotAllowed => {
@@ -501,6 +508,30 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
         }
     }
     Action::Pause
+}
+
+fn invalid_start(detail: &str) -> Reply {
+    Reply::problem(400, "drain-admin", "Invalid drain request", detail)
+}
+
+/// The body of an admin `POST` (`{"grace_s": N}`). `Some(action)` while the drain owns this
+/// request.
+pub fn on_request_body(http: &mut Http, body_size: usize, end_of_stream: bool) -> Option<Action> {
+    let path = http.drain.admin_body.as_ref()?.clone();
+    if !end_of_stream {
+        return Some(Action::Pause);
+    }
+    http.drain.admin_body = None;
+    let config = http.config.clone();
+    let d = config.drain.as_ref()?;
+    let body = http.get_http_request_body(0, body_size).unwrap_or_default();
+    Some(match start_grace(&path, Some(&body)) {
+        Ok(grace) => start_by_admin(http, d, grace),
+        Err(m) => {
+            send(http, invalid_start(&m));
+            Action::Pause
+        }
+    })
 }
 
 fn start_by_admin(http: &mut Http, d: &Drain, grace_s: Option<u32>) -> Action {

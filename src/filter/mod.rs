@@ -180,6 +180,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(action) = drain::on_request_body(self, body_size, end_of_stream) {
+            return action;
+        }
         let a = translate::on_request_body(self, body_size, end_of_stream);
         if self.replied {
             return Action::Pause;
