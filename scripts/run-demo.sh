@@ -38,6 +38,16 @@ Try:
   curl -si -H 'x-user-id: alice' -H 'x-canary-variant: canary' 127.0.0.1:10000/ | grep -i x-upstream
   # anonymous users get a cookie and keep their cohort
   curl -si 127.0.0.1:10000/ | grep -i set-cookie
+  # translation: u-1 is a canary user, so its v1 request reaches the v2 backend translated both
+  # ways; idempotency: the same key again is replayed (idempotent-replayed: true), not executed
+  curl -si 127.0.0.1:10000/api/v1/payments -H 'x-user-id: u-1' -H 'idempotency-key: demo-1' \
+       -H 'content-type: application/json' -d '{"amount": 12.5, "currency": "EUR", "customer_id": "c-1"}'
+  curl -si 127.0.0.1:10000/api/v1/payments -H 'x-user-id: u-1' -H 'idempotency-key: demo-1' \
+       -H 'content-type: application/json' -d '{"amount": 12.5, "currency": "EUR", "customer_id": "c-1"}'
+  curl -s 127.0.0.1:8082/_admin/executions      # the v2 backend ran demo-1 once
+  # the same key with another body: 422; no key: 400 (application/problem+json)
+  curl -si 127.0.0.1:10000/api/v1/payments -H 'x-user-id: u-1' -H 'idempotency-key: demo-1' \
+       -H 'content-type: application/json' -d '{"amount": 99, "currency": "EUR", "customer_id": "c-1"}'
   # drain: Envoy sends GOAWAY / connection: close, responses carry reconnect hints
   curl -s -X POST 127.0.0.1:10000/.well-known/handoff/drain
   curl -si 127.0.0.1:10000/ | grep -iE 'x-handoff-reconnect-after-ms|connection'
