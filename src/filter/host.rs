@@ -46,6 +46,29 @@ impl RequestView for HostRequest {
     }
 }
 
+/// A request header as text; absent when missing or not UTF-8. Use this (never
+/// `get_http_request_header`, whose String conversion panics on obs-text bytes and aborts the
+/// VM) for every header a client controls.
+pub fn request_header(name: &str) -> Option<String> {
+    header_of(MapType::HttpRequestHeaders, name)
+}
+
+/// A response header as text; absent when missing or not UTF-8 (the app controls these).
+pub fn response_header(name: &str) -> Option<String> {
+    header_of(MapType::HttpResponseHeaders, name)
+}
+
+/// Whether a header is present at all, whatever its bytes (a security check must not treat an
+/// undecodable value as absent).
+pub fn header_present(map: MapType, name: &str) -> bool {
+    matches!(hostcalls::get_map_value_bytes(map, name), Ok(Some(_)))
+}
+
+fn header_of(map: MapType, name: &str) -> Option<String> {
+    let bytes = hostcalls::get_map_value_bytes(map, name).ok().flatten()?;
+    String::from_utf8(bytes).ok()
+}
+
 /// 16 random bytes from the host (WASI `random_get`).
 pub fn random_bytes() -> [u8; 16] {
     let mut buf = [0u8; 16];

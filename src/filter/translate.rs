@@ -12,6 +12,8 @@ use log::{debug, warn};
 use proxy_wasm::traits::HttpContext;
 use proxy_wasm::types::Action;
 
+use super::host::{request_header, response_header};
+
 use super::Http;
 use crate::problem::Reply;
 use crate::translate::{
@@ -34,7 +36,7 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
     };
     // Only the filter says a request was translated.
     http.set_http_request_header(TRANSLATED_HEADER, None);
-    let path = http.get_http_request_header(":path").unwrap_or_default();
+    let path = request_header(":path").unwrap_or_default();
     if t.route_for_path(&path).is_none() {
         return Action::Continue;
     }
@@ -43,7 +45,7 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
         if end_of_stream {
             None
         } else {
-            http.get_http_request_header(name)
+            request_header(name)
         }
     };
     let content_type = body_header("content-type");
@@ -132,15 +134,14 @@ pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
     let Some(route) = config.translate.as_ref().and_then(|t| t.route(&p.plan)) else {
         return Action::Continue;
     };
-    let status = http
-        .get_http_response_header(":status")
+    let status = response_header(":status")
         .and_then(|s| s.parse::<u16>().ok())
         .unwrap_or(0);
-    let content_type = http.get_http_response_header("content-type");
+    let content_type = response_header("content-type");
     if !route.translates_response(status, content_type.as_deref()) {
         return Action::Continue;
     }
-    let encoding = http.get_http_response_header("content-encoding");
+    let encoding = response_header("content-encoding");
     if let Err(e) = check_encoding(encoding.as_deref()) {
         let name = route.name.clone();
         return fail(http, &name, Message::Response, &e);

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub mod backend;
 pub mod etcd;
+pub mod lds;
 pub use backend::Backend;
 
 pub fn root() -> PathBuf {
@@ -99,6 +100,8 @@ pub struct EnvoyOpts {
     pub concurrency: u32,
     /// Edits the whole bootstrap after ports and plugin config are set.
     pub edit: Option<BootstrapEdit>,
+    /// Extra command-line arguments (`--drain-time-s 1`, `--base-id 3`, ...).
+    pub args: Vec<String>,
 }
 
 impl EnvoyOpts {
@@ -109,6 +112,7 @@ impl EnvoyOpts {
             ports: HashMap::new(),
             concurrency: 2,
             edit: None,
+            args: Vec::new(),
         }
     }
 
@@ -125,6 +129,11 @@ impl EnvoyOpts {
 
     pub fn port(mut self, fixture_port: u16, real: u16) -> Self {
         self.ports.insert(fixture_port, real);
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_string());
         self
     }
 
@@ -272,6 +281,10 @@ impl Envoy {
             .arg(&config_path)
             .args(["--concurrency", &opts.concurrency.to_string()])
             .args(["--disable-hot-restart", "-l", "info"])
+            // Envoy buffers its log file (10 s by default): flush quickly so a test that
+            // reads the log sees what already happened.
+            .args(["--file-flush-interval-msec", "50"])
+            .args(&opts.args)
             .arg("--log-path")
             .arg(&log_path)
             .current_dir(root())
@@ -447,4 +460,82 @@ pub fn examples_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>/deps")
         .join("examples")
+}
+
+/// Lines of an Envoy log that show a crash or a filter failure: a Rust panic in the wasm, a
+/// wasm trap, a failed proxy-wasm callback, an aborted VM. Empty when all is well.
+pub fn crash_lines(log: &str) -> Vec<&str> {
+    const MARKS: [&str; 7] = [
+        "panicked",
+        "wasm trap",
+        "Function: proxy_on_",
+        "failed to",
+        "Wasm VM failed",
+        "Plugin configured to fail",
+        "unreachable",
+    ];
+    log.lines()
+        .filter(|l| MARKS.iter().any(|m| l.contains(m)))
+        .collect()
+}
+
+/// Lines that show the wasm code itself crashed (a panic, a trap, a failed callback), as
+/// opposed to a configuration Envoy refused.
+pub fn panic_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            [
+                "panicked",
+                "wasm trap",
+                "Function: proxy_on_",
+                "unreachable",
+            ]
+            .iter()
+            .any(|m| l.contains(m))
+        })
+        .collect()
+}
+
+/// Asserts that Envoy is still serving (admin `/ready`) and that its log has no crash line.
+pub async fn assert_survived(envoy: &Envoy) {
+    let r = h1()
+        .get(envoy.admin_url("/ready"))
+        .send()
+        .await
+        .expect("Envoy admin still answers");
+    assert_eq!(r.status(), 200, "Envoy not ready any more");
+    let log = envoy.log();
+    let bad = crash_lines(&log);
+    assert!(
+        bad.is_empty(),
+        "crash lines in Envoy's log:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// A raw HTTP/1.1 exchange over a fresh connection: writes `request` as is (so it can carry
+/// bytes no HTTP client library would send) and reads until the server closes. Returns the
+/// status (0 when the server closed without answering), the head and the body.
+pub async fn raw_h1(port: u16, request: &[u8]) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    // The server may answer and close before reading everything (a 431): ignore write errors.
+    let _ = s.write_all(request).await;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "no answer and no close within 30 s");
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(out.len());
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let body = out.get(split + 4..).unwrap_or_default().to_vec();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head, body)
 }
