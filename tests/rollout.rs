@@ -844,12 +844,12 @@ fn report(profile: Profile, caps: Caps, runs: &[Outcome]) -> String {
 const NOTES: &str = "
 ## Notes
 
-- Without the idempotency and drain capabilities, the hard stop of a server resets the
-  requests it still had in flight; the client Envoy retries them on the other server (the
-  `reset` retry), so the client sees no error but a POST already executed by A's app runs a
-  second time on B: the `executed twice or more` row, equal to `upstream_rq_retry_success`.
-  handoff's drain (wait for `inflight` 0 before the stop) and idempotency (a shared etcd
-  store) are the two fixes; this row is their target once they are merged.
+- In the baseline, the hard stop of a server resets the requests it still had in flight; the
+  client Envoy retries them on the other server (the `reset` retry), so the client sees no
+  error but a POST already executed by A's app runs a second time on B: the `executed twice
+  or more` row, equal to `upstream_rq_retry_success`. handoff's drain (wait for `inflight` 0
+  before the stop) and idempotency (a shared etcd store, so a retry on B of an operation A
+  completed is replayed) are the two fixes.
 - Envoy allows 3 concurrent retries per cluster by default (`circuit_breakers.max_retries`).
   A stopped server resets all its in-flight requests at once, and the retries beyond 3 reached
   the clients as 503s (a first full run: 7 and 8 client-visible failures,
