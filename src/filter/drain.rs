@@ -382,15 +382,6 @@ pub struct HttpDrain {
     admin_body: Option<String>,
 }
 
-fn send(http: &Http, reply: Reply) {
-    let headers: Vec<(&str, &str)> = reply
-        .headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    http.send_http_response(u32::from(reply.status), headers, Some(&reply.body));
-}
-
 fn status_reply() -> Reply {
     let (state, _) = read_state();
     let body = status_json(state.phase(now_ms()), state.since_ms, read_inflight());
@@ -425,7 +416,7 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Option<Action
              retry it on another instance.",
         )
         .with_header("retry-after", d.retry_after_s.to_string());
-        send(http, reply);
+        http.send_reply(reply);
         return Some(Action::Pause);
     }
     http.metrics.drain_inflight(add_inflight(1));
@@ -454,21 +445,18 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
             http.context_id,
             peer.as_deref().unwrap_or("an unknown peer")
         );
-        send(
-            http,
-            Reply::problem(
-                403,
-                FORBIDDEN_ANCHOR,
-                "Drain admin refused",
-                "The drain admin path is open to loopback peers and to the configured bearer \
+        http.send_reply(Reply::problem(
+            403,
+            FORBIDDEN_ANCHOR,
+            "Drain admin refused",
+            "The drain admin path is open to loopback peers and to the configured bearer \
                  token only.",
-            ),
-        );
+        ));
         return Action::Pause;
     }
     let method = request_header(":method").unwrap_or_default();
     match admin_action(&method) {
-        AdminAction::Report => send(http, status_reply()),
+        AdminAction::Report => http.send_reply(status_reply()),
         AdminAction::Cancel => {
             let (state, changed) = transition(&|s| s.cancel(CancelBy::Admin, now_ms()));
             http.drain.cache.set(state);
@@ -479,7 +467,7 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
                     return Action::Pause;
                 }
             }
-            send(http, status_reply());
+            http.send_reply(status_reply());
         }
         AdminAction::Start => {
             let has_body =
@@ -493,7 +481,7 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
             }
             match start_grace(path, None) {
                 Ok(grace) => return start_by_admin(http, d, grace),
-                Err(m) => send(http, invalid_start(&m)),
+                Err(m) => http.send_reply(invalid_start(&m)),
             }
         }
         AdminAction::NotAllowed => {
@@ -504,7 +492,7 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
                 "Use GET (state), POST (start a drain) or DELETE (cancel it).",
             );
             r = r.with_header("allow", "GET, POST, DELETE");
-            send(http, r);
+            http.send_reply(r);
         }
     }
     Action::Pause
@@ -528,7 +516,7 @@ pub fn on_request_body(http: &mut Http, body_size: usize, end_of_stream: bool) -
     Some(match start_grace(&path, Some(&body)) {
         Ok(grace) => start_by_admin(http, d, grace),
         Err(m) => {
-            send(http, invalid_start(&m));
+            http.send_reply(invalid_start(&m));
             Action::Pause
         }
     })
@@ -545,7 +533,7 @@ fn start_by_admin(http: &mut Http, d: &Drain, grace_s: Option<u32>) -> Action {
             return Action::Pause;
         }
     }
-    send(http, status_reply());
+    http.send_reply(status_reply());
     Action::Pause
 }
 
@@ -636,7 +624,7 @@ pub fn on_http_call_response(http: &mut Http, token: u32) {
     }
     log_envoy_admin_answer();
     match resume {
-        Resume::AdminReply => send(http, status_reply()),
+        Resume::AdminReply => http.send_reply(status_reply()),
         Resume::Response => http.resume_http_response(),
     }
 }
