@@ -4,13 +4,10 @@
 
 mod support;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use futures::stream::{self, StreamExt};
 use handoff::canary::bucket;
-use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
-use sha2::Sha256;
+use support::tokens::{jwt, sign_override, HS256_HEADER};
 use support::{clients, h2, Backend, Envoy, EnvoyOpts};
 
 const SALT: &str = "checkout-2026-11";
@@ -332,12 +329,6 @@ async fn anonymous_users_get_a_cookie_and_keep_their_variant() {
     assert_eq!(anon, 42.0);
 }
 
-fn sign_override(secret: &str, variant: &str, user: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{variant}:{user}").as_bytes());
-    format!("{variant}.{}", hex::encode(mac.finalize().into_bytes()))
-}
-
 #[tokio::test]
 async fn a_signed_override_forces_the_variant_and_a_forged_one_is_ignored() {
     let s = setup(None).await;
@@ -385,18 +376,6 @@ async fn a_signed_override_forces_the_variant_and_a_forged_one_is_ignored() {
     assert_eq!(stats.get("handoff_canary_override_rejected", &[]), 8.0);
 }
 
-fn jwt(secret: &[u8], claims: &Value) -> String {
-    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT","kid":"demo"}"#);
-    let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
-    let input = format!("{header}.{payload}");
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
-    mac.update(input.as_bytes());
-    format!(
-        "{input}.{}",
-        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
-    )
-}
-
 #[tokio::test]
 async fn the_user_id_comes_from_the_verified_jwt_claim() {
     // Without the anonymous cookie, a request with no usable id is `unidentified`.
@@ -413,7 +392,11 @@ async fn the_user_id_comes_from_the_verified_jwt_claim() {
         .find(|u| expected(u, 12.5) == "canary")
         .unwrap();
     for (proto, client) in clients() {
-        let token = jwt(key, &json!({"iss": "handoff-demo", "sub": canary_sub}));
+        let token = jwt(
+            key,
+            HS256_HEADER,
+            &json!({"iss": "handoff-demo", "sub": canary_sub}),
+        );
         let req = client.get(s.envoy.url("/")).bearer_auth(&token);
         assert_eq!(
             variant_of(&client, req).await,
@@ -424,6 +407,7 @@ async fn the_user_id_comes_from_the_verified_jwt_claim() {
         // never used, and the request is unidentified, hence stable.
         let forged = jwt(
             b"attacker-key-attacker-key-0000000",
+            HS256_HEADER,
             &json!({"iss": "handoff-demo", "sub": "u-1"}),
         );
         let req = client.get(s.envoy.url("/")).bearer_auth(&forged);

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 use support::{clients, h1, h2, wait_for, Backend, Envoy, EnvoyOpts};
 
@@ -597,6 +597,22 @@ async fn the_admin_path_needs_loopback_or_the_token() {
     assert_eq!(app.requests().await, 1);
 }
 
+/// Runs `istio/prestop-drain.sh` against this Envoy's admin path with a deadline and a poll
+/// interval (seconds).
+async fn prestop(envoy: &Envoy, deadline_s: &'static str, poll_s: &'static str) -> Output {
+    let script = support::root().join("istio/prestop-drain.sh");
+    let admin_url = envoy.url(ADMIN);
+    tokio::task::spawn_blocking(move || {
+        Command::new("sh")
+            .arg(script)
+            .args(["-u", &admin_url, "-d", deadline_s, "-i", poll_s])
+            .output()
+            .expect("sh")
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn prestop_script_starts_the_drain_and_waits_for_inflight_requests() {
     let app = Backend::start("app", "v1");
@@ -619,17 +635,7 @@ async fn prestop_script_starts_the_drain_and_waits_for_inflight_requests() {
         (state(&envoy).await["inflight"] == 3).then_some(())
     })
     .await;
-    let script = support::root().join("istio/prestop-drain.sh");
-    let admin_url = envoy.url(ADMIN);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("sh")
-            .arg(script)
-            .args(["-u", &admin_url, "-d", "60", "-i", "0.1"])
-            .output()
-            .expect("sh")
-    })
-    .await
-    .unwrap();
+    let out = prestop(&envoy, "60", "0.1").await;
     let (code, log) = (out.status.code(), String::from_utf8_lossy(&out.stderr));
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("drain started"), "{log}");
@@ -664,17 +670,7 @@ async fn prestop_script_gives_up_at_its_deadline() {
         (state(&envoy).await["inflight"] == 1).then_some(())
     })
     .await;
-    let script = support::root().join("istio/prestop-drain.sh");
-    let admin_url = envoy.url(ADMIN);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("sh")
-            .arg(script)
-            .args(["-u", &admin_url, "-d", "1", "-i", "0.2"])
-            .output()
-            .expect("sh")
-    })
-    .await
-    .unwrap();
+    let out = prestop(&envoy, "1", "0.2").await;
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(log.contains("deadline"), "{log}");

@@ -14,9 +14,9 @@ mod support;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use handoff::canary::bucket;
-use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
+use support::tokens::{jwt, sign_override};
 use support::{assert_survived, clients, raw_h1, Backend, Envoy, EnvoyOpts};
 
 const SALT: &str = "checkout-2026-11";
@@ -303,12 +303,6 @@ async fn user_ids_with_control_characters() {
     still_serves(&s.envoy).await;
 }
 
-fn sign_override(secret: &str, variant: &str, user: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{variant}:{user}").as_bytes());
-    format!("{variant}.{}", hex::encode(mac.finalize().into_bytes()))
-}
-
 /// Forged override signatures never force a variant: wrong secret, another user's signature,
 /// truncated, upper-case hex of a wrong MAC, a 30 KB value, non-hex, an empty value. Each is
 /// counted as rejected and the request is decided by the hash; the override header never
@@ -361,18 +355,6 @@ async fn forged_override_signatures_are_ignored() {
         0.0
     );
     still_serves(&s.envoy).await;
-}
-
-fn jwt(secret: &[u8], header: &str, claims: &Value) -> String {
-    let header = URL_SAFE_NO_PAD.encode(header);
-    let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
-    let input = format!("{header}.{payload}");
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
-    mac.update(input.as_bytes());
-    format!(
-        "{input}.{}",
-        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
-    )
 }
 
 /// Forged JWTs never provide the user id: another key, `alg: none`, a tampered payload, a
@@ -437,26 +419,8 @@ async fn forged_jwts_never_provide_the_user_id() {
 
 /// The translate contract's payments route, as in issue 3.
 fn translate_config() -> Value {
-    json!({"translate": {"routes": [{
-        "name": "payments",
-        "v1_prefix": "/api/v1/payments",
-        "v2_prefix": "/api/v2/payments",
-        "backend": "v2",
-        "request": [
-            {"v1": "/amount", "v2": "/amount/value"},
-            {"v1": "/currency", "v2": "/amount/currency"},
-            {"v1": "/customer_id", "v2": "/customer/id", "required": true},
-            {"v2": "/customer/email", "default": null}
-        ],
-        "response": [
-            {"v1": "/transaction_id", "v2": "/id"},
-            {"v1": "/status", "v2": "/status"},
-            {"v1": "/payments/*/transaction_id", "v2": "/data/*/id"}
-        ],
-        "unmapped": "drop",
-        "translate_errors": false,
-        "max_body_bytes": 1048576
-    }]}})
+    // The payments contract mapping, as envoy/translate.yaml ships it.
+    support::fixture_plugin_config("translate")
 }
 
 /// The idempotency contract's defaults (local store), as in issue 4.

@@ -159,30 +159,12 @@ impl Lds {
 
 /// Replaces the plugin configuration of every handoff wasm filter under `v`.
 pub fn set_plugin_config(v: &mut Value, config: &Value) {
-    match v {
-        Value::Object(map) => {
-            let is_handoff = map
-                .get("vm_config")
-                .and_then(|vm| vm.pointer("/code/local/filename"))
-                .and_then(Value::as_str)
-                .is_some_and(|f| f.ends_with("handoff.wasm"));
-            if is_handoff {
-                map.insert(
-                    "configuration".to_string(),
-                    json!({
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": config.to_string()
-                    }),
-                );
-                return;
-            }
-            for child in map.values_mut() {
-                set_plugin_config(child, config);
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(|c| set_plugin_config(c, config)),
-        _ => {}
-    }
+    super::visit_wasm_configs(v, &mut |c| {
+        c["configuration"] = json!({
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": config.to_string()
+        });
+    });
 }
 
 /// Envoy's LDS update counters.

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub mod backend;
 pub mod etcd;
 pub mod lds;
+pub mod tokens;
 pub use backend::Backend;
 
 pub fn root() -> PathBuf {
@@ -165,7 +166,7 @@ pub fn fixture_plugin_config(name: &str) -> Value {
 }
 
 /// Calls `f` on every wasm filter `config` object that runs handoff.wasm.
-fn visit_wasm_configs(v: &mut Value, f: &mut dyn FnMut(&mut Value)) {
+pub fn visit_wasm_configs(v: &mut Value, f: &mut dyn FnMut(&mut Value)) {
     match v {
         Value::Object(map) => {
             let is_handoff = map
