@@ -37,6 +37,10 @@ use crate::problem::Reply;
 /// Takeover / lock transactions retried after a lost race before answering 409.
 const ETCD_ATTEMPTS: u8 = 3;
 
+/// Largest response body held until its record is stored: Envoy's default per-connection
+/// buffer limit (a held body beyond the connection's limit would reset the stream).
+const HOLD_LIMIT: usize = 1024 * 1024;
+
 /// How long a worker reuses one etcd lease for the records it writes. Leases are not granted
 /// per request (etcd keeps every lease in memory until it expires): a worker holds at most
 /// `ttl_s / LEASE_REUSE_S + 1` leases, and a record lives between `ttl_s` and
@@ -100,6 +104,14 @@ enum Lock {
 struct Capture {
     response: StoredResponse,
     oversized: bool,
+    /// The response has a `content-length` (within `max_response_bytes`): its body is held
+    /// until the record is stored. A client that counts bytes is done when the last byte
+    /// arrives, before the end of the stream: releasing the body early would let its retry
+    /// arrive while the key is still locked (a 409 instead of the replay).
+    hold: bool,
+    /// Bytes at the start of Envoy's response buffer that are already captured (the buffer
+    /// grows while the body is held).
+    held: usize,
 }
 
 /// Shared data over the host: one meta entry and one response entry per slot. The table size
@@ -663,6 +675,15 @@ pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
         .filter(|(n, _)| stored_header(n))
         .filter_map(|(n, v)| String::from_utf8(v).ok().map(|v| (n, v)))
         .collect();
+    let max = http
+        .config
+        .idempotency
+        .as_ref()
+        .map_or(0, |i| i.max_response_bytes());
+    let hold = http
+        .get_http_response_header_bytes("content-length")
+        .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<usize>().ok())
+        .is_some_and(|len| len <= max.min(HOLD_LIMIT));
     if let Some(p) = http.idempotency.as_mut() {
         p.capture = Some(Capture {
             response: StoredResponse {
@@ -671,6 +692,8 @@ pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
                 body: Vec::new(),
             },
             oversized: false,
+            hold,
+            held: 0,
         });
     }
     if end_of_stream {
@@ -690,39 +713,33 @@ pub fn on_response_body(http: &mut Http, body_size: usize, end_of_stream: bool) 
     else {
         return Action::Continue;
     };
-    let capturing = matches!(
-        http.idempotency.as_ref(),
-        Some(Pending {
-            capture: Some(Capture {
-                oversized: false,
-                ..
-            }),
-            ..
-        })
-    );
-    if capturing && body_size > 0 {
-        let chunk = http
-            .get_http_response_body(0, body_size)
-            .unwrap_or_default();
+    let (capturing, held) = match http.idempotency.as_ref().and_then(|p| p.capture.as_ref()) {
+        Some(c) => (!c.oversized, if c.hold { c.held } else { 0 }),
+        None => (false, 0),
+    };
+    // While the body is held, Envoy shows the whole buffer each time: read only the new part.
+    let fresh = body_size.saturating_sub(held);
+    if capturing && fresh > 0 {
+        let chunk = http.get_http_response_body(held, fresh).unwrap_or_default();
         if let Some(c) = http.idempotency.as_mut().and_then(|p| p.capture.as_mut()) {
             if c.response.encoded_len() + chunk.len() > max {
                 c.oversized = true;
+                c.hold = false;
                 c.response.body = Vec::new();
             } else {
                 c.response.body.extend_from_slice(&chunk);
             }
         }
     }
-    if end_of_stream
-        && matches!(
-            http.idempotency.as_ref(),
-            Some(Pending {
-                capture: Some(_),
-                ..
-            })
-        )
-    {
+    let Some(c) = http.idempotency.as_mut().and_then(|p| p.capture.as_mut()) else {
+        return Action::Continue;
+    };
+    if end_of_stream {
         return complete(http);
+    }
+    if c.hold {
+        c.held = body_size;
+        return Action::Pause;
     }
     Action::Continue
 }
