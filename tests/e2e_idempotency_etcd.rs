@@ -5,33 +5,13 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::etcd::Etcd;
-use support::{h1, h2, Backend, Envoy, EnvoyOpts};
+use support::etcd::{idempotency_envoy, outcome, two_envoys, Etcd};
+use support::{h1, h2, Backend, Envoy};
 
 const PAY: &str = "/api/v1/payments";
 
 async fn envoy(backend: &Backend, etcd_port: u16, on_error: &str) -> Envoy {
-    envoy_with(backend, etcd_port, on_error, 30).await
-}
-
-async fn envoy_with(
-    backend: &Backend,
-    etcd_port: u16,
-    on_error: &str,
-    lock_timeout_s: u64,
-) -> Envoy {
-    let mut config = support::fixture_plugin_config("idempotency-etcd");
-    config["idempotency"]["store"]["on_error"] = json!(on_error);
-    config["idempotency"]["lock_timeout_s"] = json!(lock_timeout_s);
-    // Generous for a loaded CI machine; the fixture's 250 ms is the production default.
-    config["idempotency"]["store"]["timeout_ms"] = json!(2000);
-    Envoy::start(
-        EnvoyOpts::new("idempotency-etcd")
-            .upstream(8081, backend)
-            .port(2379, etcd_port)
-            .plugin_config(config),
-    )
-    .await
+    idempotency_envoy(backend, etcd_port, on_error, 30).await
 }
 
 fn payment(amount: u64) -> Value {
@@ -48,19 +28,9 @@ async fn post(client: &reqwest::Client, url: String, key: &str, body: &Value) ->
         .expect("request through Envoy")
 }
 
-async fn outcome(envoy: &Envoy, name: &str) -> f64 {
-    envoy
-        .stats()
-        .await
-        .get("handoff_idempotency_outcomes", &[("outcome", name)])
-}
-
 #[tokio::test]
 async fn a_retry_on_another_envoy_is_replayed() {
-    let etcd = Etcd::start().await;
-    let backend = Backend::start("payments", "v1");
-    let a = envoy(&backend, etcd.client_port, "reject").await;
-    let b = envoy(&backend, etcd.client_port, "reject").await;
+    let (etcd, backend, a, b) = two_envoys("reject", 30).await;
 
     let first = post(&h1(), a.url(PAY), "cross-1", &payment(20)).await;
     assert_eq!(first.status(), 201);
@@ -135,6 +105,27 @@ async fn a_retry_on_another_envoy_is_replayed() {
     assert_eq!(etcd.count("/handoff/idem/").await, 2);
 }
 
+/// An HTTP/1.1 client with a `content-length` response is done when the last byte arrives,
+/// which can be before Envoy sees the end of the upstream stream. The body is held until etcd
+/// stored the record, so a retry sent the moment the response is read is already a replay.
+#[tokio::test]
+async fn a_retry_sent_as_soon_as_the_response_is_read_is_replayed() {
+    let (_etcd, backend, a, b) = two_envoys("reject", 30).await;
+    let (to_a, to_b) = (h1(), h1());
+    for i in 0..60 {
+        let key = format!("quick-{i}");
+        let r = post(&to_a, a.url(PAY), &key, &payment(i)).await;
+        assert_eq!(r.status(), 201);
+        let first = r.bytes().await.unwrap();
+        let r = post(&to_b, b.url(PAY), &key, &payment(i)).await;
+        assert_eq!(r.status(), 201, "retry {i} on the other Envoy");
+        assert_eq!(r.headers()["idempotent-replayed"], "true");
+        assert_eq!(r.bytes().await.unwrap(), first);
+    }
+    let executions = backend.executions().await;
+    assert!((0..60).all(|i| executions[&format!("quick-{i}")] == 1));
+}
+
 #[tokio::test]
 async fn with_etcd_down_on_error_decides() {
     let mut etcd = Etcd::start().await;
@@ -171,10 +162,7 @@ async fn with_etcd_down_on_error_decides() {
 
 #[tokio::test]
 async fn an_abandoned_lock_is_taken_over_through_etcd() {
-    let etcd = Etcd::start().await;
-    let backend = Backend::start("payments", "v1");
-    let a = envoy_with(&backend, etcd.client_port, "reject", 1).await;
-    let b = envoy_with(&backend, etcd.client_port, "reject", 1).await;
+    let (_etcd, backend, a, b) = two_envoys("reject", 1).await;
     let url_a = a.url(&format!("{PAY}?delay_ms=2500"));
     let slow = tokio::spawn(async move { post(&h1(), url_a, "stale", &payment(4)).await.status() });
     support::wait_for(
@@ -211,4 +199,85 @@ async fn an_abandoned_lock_is_taken_over_through_etcd() {
     .await;
     assert_eq!(r.headers()["idempotent-replayed"], "true");
     assert_eq!(backend.executions().await["stale"], 2);
+}
+
+/// Issue #8: a server Envoy dies (SIGKILL) while its request is still being processed by the
+/// app. Its lock stays in etcd: a retry on the other Envoy gets 409 while the lock is younger
+/// than `lock_timeout_s`, then takes it over and is forwarded — the app executes the operation
+/// a second time (the dead Envoy had already forwarded it and never stored a result).
+#[tokio::test]
+async fn a_lock_held_by_a_killed_envoy_is_taken_over_after_lock_timeout() {
+    const LOCK_TIMEOUT_S: u64 = 2;
+    let (etcd, backend, mut a, b) = two_envoys("reject", LOCK_TIMEOUT_S).await;
+
+    let sent = std::time::Instant::now();
+    // The app answers after 3 s: A dies long before that. (The query is part of the
+    // fingerprint: every retry sends the same one.)
+    let slow = format!("{PAY}?delay_ms=3000");
+    let url_a = a.url(&slow);
+    let doomed = tokio::spawn(async move {
+        h1().post(url_a)
+            .header("idempotency-key", "dead-envoy")
+            .json(&payment(7))
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    support::wait_for(
+        "the request to reach the app through A",
+        std::time::Duration::from_secs(20),
+        || async { (backend.executions().await.get("dead-envoy") == Some(&1)).then_some(()) },
+    )
+    .await;
+    assert_eq!(outcome(&a, "first").await, 1.0, "A took the lock in etcd");
+    a.stop();
+    assert!(
+        doomed.await.unwrap().is_err(),
+        "A's client loses its connection"
+    );
+    assert_eq!(etcd.count("/handoff/idem/").await, 1, "the lock outlives A");
+
+    // Retries on B, over both protocols: 409 while the lock is fresh, then one takes it over.
+    let url_b = b.url(&slow);
+    let mut conflicts = 0;
+    let (status, taken_after) = loop {
+        let client = if conflicts % 2 == 0 { h1() } else { h2() };
+        let r = post(&client, url_b.clone(), "dead-envoy", &payment(7)).await;
+        if r.status() != 409 {
+            break (r.status(), sent.elapsed());
+        }
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("#idempotency-in-flight"),
+            "{v}"
+        );
+        conflicts += 1;
+        assert!(
+            sent.elapsed() < std::time::Duration::from_secs(30),
+            "the lock was never taken over"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, 201, "the takeover is forwarded");
+    assert!(conflicts > 0, "a retry right after the crash is a 409");
+    assert!(
+        taken_after >= std::time::Duration::from_secs(LOCK_TIMEOUT_S),
+        "taken over after {taken_after:?}, before lock_timeout_s"
+    );
+    // What README documents: the dead Envoy's forwarded request was executed by the app, and
+    // the takeover executes the operation again.
+    assert_eq!(backend.executions().await["dead-envoy"], 2);
+    assert_eq!(outcome(&b, "in_flight_conflict").await, conflicts as f64);
+    assert_eq!(outcome(&b, "first").await, 1.0);
+    // The takeover's completion is stored: further retries are replays, never a third run.
+    for client in [h1(), h2()] {
+        let r = post(&client, b.url(&slow), "dead-envoy", &payment(7)).await;
+        assert_eq!(r.status(), 201);
+        assert_eq!(r.headers()["idempotent-replayed"], "true");
+    }
+    assert_eq!(backend.executions().await["dead-envoy"], 2);
 }

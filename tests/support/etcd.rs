@@ -1,5 +1,6 @@
 //! A real etcd (Debian's `etcd-server`, 3.4) on free loopback ports in a temporary data
-//! directory, killed when the handle is dropped.
+//! directory, killed when the handle is dropped. It can be stopped and started again on the
+//! same ports and data directory (a crash and a restart of the same member).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -36,7 +37,12 @@ impl Etcd {
     fn spawn(&mut self) {
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log");
+        // Appends: a restarted member's log follows the first one's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("etcd log");
         let child = Command::new(etcd_bin())
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
@@ -75,7 +81,19 @@ impl Etcd {
         std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
     }
 
-    /// Stops etcd now (the handle's drop does the same).
+    /// Starts a stopped etcd again: same client and peer ports, same data directory (so the
+    /// records and leases written before the stop are back), and waits until it is healthy.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "etcd is still running");
+        self.spawn();
+        self.wait_healthy().await;
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Stops etcd now with SIGKILL, a crash (the handle's drop does the same).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -119,4 +137,47 @@ impl Drop for Etcd {
             eprintln!("--- etcd log ---\n{}\n--- end of etcd log ---", self.log());
         }
     }
+}
+
+/// An Envoy running `envoy/idempotency-etcd.yaml` in front of `backend`, with its `etcd`
+/// cluster on `etcd_port`, the plugin's `on_error` and `lock_timeout_s` set.
+pub async fn idempotency_envoy(
+    backend: &super::Backend,
+    etcd_port: u16,
+    on_error: &str,
+    lock_timeout_s: u64,
+) -> super::Envoy {
+    let mut config = super::fixture_plugin_config("idempotency-etcd");
+    config["idempotency"]["store"]["on_error"] = serde_json::json!(on_error);
+    config["idempotency"]["lock_timeout_s"] = serde_json::json!(lock_timeout_s);
+    // Generous for a loaded CI machine; the fixture's 250 ms is the production default.
+    config["idempotency"]["store"]["timeout_ms"] = serde_json::json!(2000);
+    super::Envoy::start(
+        super::EnvoyOpts::new("idempotency-etcd")
+            .upstream(8081, backend)
+            .port(2379, etcd_port)
+            .plugin_config(config),
+    )
+    .await
+}
+
+/// `handoff_idempotency_outcomes{outcome=<name>}` of one Envoy.
+pub async fn outcome(envoy: &super::Envoy, name: &str) -> f64 {
+    envoy
+        .stats()
+        .await
+        .get("handoff_idempotency_outcomes", &[("outcome", name)])
+}
+
+/// The shared-store topology: one etcd, one payments upstream, two Envoys running
+/// [`idempotency_envoy`] with the same settings.
+pub async fn two_envoys(
+    on_error: &str,
+    lock_timeout_s: u64,
+) -> (Etcd, super::Backend, super::Envoy, super::Envoy) {
+    let etcd = Etcd::start().await;
+    let backend = super::Backend::start("payments", "v1");
+    let a = idempotency_envoy(&backend, etcd.client_port, on_error, lock_timeout_s).await;
+    let b = idempotency_envoy(&backend, etcd.client_port, on_error, lock_timeout_s).await;
+    (etcd, backend, a, b)
 }
