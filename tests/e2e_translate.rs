@@ -454,6 +454,66 @@ async fn chunked_http1_and_large_multi_frame_http2_bodies() {
     }
 }
 
+/// An HTTP/2 request whose body ends with trailers (no END_STREAM on the last DATA frame) is
+/// translated when the trailers arrive, like any other.
+#[tokio::test]
+async fn a_request_body_ended_by_http2_trailers_is_translated() {
+    let s = setup(support::fixture_plugin_config("translate")).await;
+    let v1_body = json!({"amount": 3, "currency": "EUR", "customer_id": "c-t"});
+    let (status, headers, body) = support::h2_post_with_trailers(
+        s.envoy.port(10000),
+        "/api/v1/payments",
+        &[("content-type", "application/json")],
+        v1_body.to_string().as_bytes(),
+        &[("x-checksum", "abc")],
+    )
+    .await;
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["x-api-version"], "v2");
+    let got: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        got["status"], "succeeded",
+        "translated back for the v1 client: {got}"
+    );
+    let seen = s.v2.last().await;
+    assert_eq!(seen["path"], "/api/v2/payments");
+    assert_eq!(
+        seen["body"],
+        json!({"amount": {"value": 3, "currency": "EUR"},
+               "customer": {"id": "c-t", "email": null}}),
+        "the backend got the translated body"
+    );
+    assert_eq!(
+        seen["headers"]["content-length"],
+        seen["body_bytes"].to_string()
+    );
+    let stats = s.envoy.stats().await;
+    let l = [
+        ("route", "payments"),
+        ("direction", "v1-v2"),
+        ("message", "request"),
+    ];
+    assert_eq!(stats.get("handoff_translate_translations", &l), 1.0);
+
+    // An untranslatable body ended by trailers is answered with the problem, not forwarded.
+    let (status, headers, _) = support::h2_post_with_trailers(
+        s.envoy.port(10000),
+        "/api/v1/payments",
+        &[("content-type", "application/json")],
+        b"{not json",
+        &[("x-checksum", "abc")],
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(
+        s.v2.requests().await,
+        1,
+        "the bad one never reached the backend"
+    );
+    support::assert_survived(&s.envoy).await;
+}
+
 #[tokio::test]
 async fn errors_are_problems_that_never_reach_the_backend() {
     let s = setup(fixture_with(|c| {

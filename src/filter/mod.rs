@@ -192,7 +192,13 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        idempotency::on_request_trailers(self)
+        // Translation first: idempotency fingerprints the body as forwarded.
+        let a = translate::on_request_trailers(self);
+        if self.replied {
+            return Action::Pause;
+        }
+        let b = idempotency::on_request_trailers(self);
+        both(a, b)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {

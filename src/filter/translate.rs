@@ -17,7 +17,7 @@ use super::host::{request_header, response_header};
 use super::Http;
 use crate::problem::Reply;
 use crate::translate::{
-    check_encoding, direction, Message, Plan, RequestHead, TranslateError, TRANSLATED_HEADER,
+    check_encoding, direction, Message, Plan, RequestHead, Route, TranslateError, TRANSLATED_HEADER,
 };
 
 /// What a translated exchange still has to do.
@@ -105,11 +105,39 @@ pub fn on_request_body(http: &mut Http, body_size: usize, end_of_stream: bool) -
     if !end_of_stream {
         return Action::Pause;
     }
-    let client = p.plan.client;
     let body = http.get_http_request_body(0, body_size).unwrap_or_default();
-    match route.translate_request(client, &body) {
+    rewrite_request(http, route, body_size, &body)
+}
+
+/// Trailers end a request body that has them (gRPC-style HTTP/2 clients): the body buffered
+/// so far is the whole body, translated now. The trailers themselves pass unchanged.
+pub fn on_request_trailers(http: &mut Http) -> Action {
+    let Some(p) = http.translate.as_ref().filter(|p| p.request_body) else {
+        return Action::Continue;
+    };
+    let config = http.config.clone();
+    let Some(route) = config.translate.as_ref().and_then(|t| t.route(&p.plan)) else {
+        return Action::Continue;
+    };
+    // Envoy clamps the length to the buffer; u32::MAX is "all of it" on wasm32.
+    let body = http
+        .get_http_request_body(0, u32::MAX as usize)
+        .unwrap_or_default();
+    if let Err(e) = route.check_size(body.len()) {
+        return fail(http, &route.name, Message::Request, &e);
+    }
+    rewrite_request(http, route, body.len(), &body)
+}
+
+/// Replaces the buffered request body (`size` bytes) with its translation, or answers the
+/// error.
+fn rewrite_request(http: &mut Http, route: &Route, size: usize, body: &[u8]) -> Action {
+    let Some(client) = http.translate.as_ref().map(|p| p.plan.client) else {
+        return Action::Continue;
+    };
+    match route.translate_request(client, body) {
         Ok(out) => {
-            http.set_http_request_body(0, body_size, &out);
+            http.set_http_request_body(0, size, &out);
             if let Some(p) = http.translate.as_mut() {
                 p.request_body = false;
             }

@@ -540,3 +540,54 @@ pub async fn raw_h1(port: u16, request: &[u8]) -> (u16, String, Vec<u8>) {
         .unwrap_or(0);
     (status, head, body)
 }
+
+/// An HTTP/2 (h2c) POST whose body ends with trailers instead of END_STREAM on its last DATA
+/// frame, as gRPC clients send it (reqwest cannot send request trailers). Returns the status,
+/// the response headers and the body.
+pub async fn h2_post_with_trailers(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    trailers: &[(&'static str, &str)],
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut trailer_map = hyper::HeaderMap::new();
+    for (name, value) in trailers {
+        trailer_map.insert(*name, value.parse().expect("trailer value"));
+    }
+    let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+        Ok(Frame::data(bytes::Bytes::copy_from_slice(body))),
+        Ok(Frame::trailers(trailer_map)),
+    ];
+    let mut req = hyper::Request::post(format!("http://127.0.0.1:{port}{path}"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req
+        .body(StreamBody::new(futures::stream::iter(frames)))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(20), sender.send_request(req))
+        .await
+        .expect("an answer within 20 s")
+        .expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = tokio::time::timeout(Duration::from_secs(20), resp.into_body().collect())
+        .await
+        .expect("a body within 20 s")
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    (status, headers, body)
+}
