@@ -14,7 +14,7 @@
 //!
 //! Query parameters understood on every request: `delay_ms=N` (answer after N ms),
 //! `status=N` (answer with that status), `reset=1` (send the headers and part of the body, then
-//! drop the connection).
+//! drop the connection), `trailers=1` (end the body with trailers).
 //!
 //! Control endpoints (never proxied in the demo; tests call them directly):
 //! `GET /_admin/executions` -> `{"<key>": count}`, `GET /_admin/requests` -> count,
@@ -210,12 +210,36 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     if q.get("reset").map(String::as_str) == Some("1") {
         return Ok(decorate(&state, resetting(status, bytes)));
     }
+    if q.get("trailers").map(String::as_str) == Some("1") {
+        return Ok(decorate(&state, with_trailers(status, bytes)));
+    }
     let resp = Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
         .header("content-type", "application/json")
         .body(full(bytes))
         .expect("valid response");
     Ok(decorate(&state, resp))
+}
+
+/// The body in one DATA frame, then trailers (`x-checksum: <body length>`) end the stream
+/// (over HTTP/2; HTTP/1.1 chunked carries them only where the peer enables trailers).
+fn with_trailers(status: u16, bytes: Vec<u8>) -> Response<Body> {
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert(
+        "x-checksum",
+        bytes.len().to_string().parse().expect("digits"),
+    );
+    let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+        Ok(Frame::data(Bytes::from(bytes))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(StreamBody::new(futures::stream::iter(
+            frames,
+        ))))
+        .expect("valid response")
 }
 
 /// Headers every answer carries: who answered, and the drain signal when it is on.

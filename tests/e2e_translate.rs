@@ -16,13 +16,19 @@ struct Setup {
 }
 
 async fn setup(plugin_config: Value) -> Setup {
+    setup_edited(plugin_config, |_| {}).await
+}
+
+/// [`setup`] with an edit of the whole bootstrap.
+async fn setup_edited(plugin_config: Value, edit: impl FnOnce(&mut Value) + 'static) -> Setup {
     let v1 = Backend::start("v1", "v1");
     let v2 = Backend::start("v2", "v2");
     let envoy = Envoy::start(
         EnvoyOpts::new("translate")
             .upstream(8081, &v1)
             .upstream(8082, &v2)
-            .plugin_config(plugin_config),
+            .plugin_config(plugin_config)
+            .edit(edit),
     )
     .await;
     Setup { envoy, v1, v2 }
@@ -135,6 +141,19 @@ async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> Answe
     .await
 }
 
+/// The v2 backend's created payment, as a v1 client must see it: exactly the v1 fields.
+fn assert_v2_payment_as_v1(a: &Answer, proto: &str) {
+    let got = a.json();
+    assert_eq!(got["status"], "succeeded", "{proto}: {got}");
+    assert!(
+        got["transaction_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("tx-v2-")),
+        "{proto}: {got}"
+    );
+    assert_eq!(got.as_object().unwrap().len(), 2, "unmapped dropped: {got}");
+}
+
 #[tokio::test]
 async fn v1_clients_reach_the_v2_backend_translated_both_ways() {
     let s = setup(support::fixture_plugin_config("translate")).await;
@@ -154,16 +173,7 @@ async fn v1_clients_reach_the_v2_backend_translated_both_ways() {
         assert_eq!(a.header("x-api-version"), Some("v2"), "{proto}");
         assert_eq!(a.header("content-type"), Some("application/json"));
         a.assert_length_correct();
-        let got = a.json();
-        assert_eq!(got["status"], "succeeded", "{proto}: {got}");
-        assert!(
-            got["transaction_id"]
-                .as_str()
-                .unwrap()
-                .starts_with("tx-v2-"),
-            "{got}"
-        );
-        assert_eq!(got.as_object().unwrap().len(), 2, "unmapped dropped: {got}");
+        assert_v2_payment_as_v1(&a, proto);
 
         let seen = s.v2.last().await;
         assert_eq!(seen["path"], "/api/v2/payments", "{proto}");
@@ -512,6 +522,32 @@ async fn a_request_body_ended_by_http2_trailers_is_translated() {
         "the bad one never reached the backend"
     );
     support::assert_survived(&s.envoy).await;
+}
+
+/// A backend response whose body ends with trailers is translated when they arrive.
+#[tokio::test]
+async fn a_response_body_ended_by_trailers_is_translated() {
+    let s = setup_edited(
+        support::fixture_plugin_config("translate"),
+        support::h2_upstreams,
+    )
+    .await;
+    let envoy = &s.envoy;
+    for (proto, c) in clients() {
+        let v1_body = json!({"amount": 4, "currency": "EUR", "customer_id": "c-r"});
+        let a = post_json(&c, envoy.url("/api/v1/payments?trailers=1"), &v1_body).await;
+        assert_eq!(a.status, 201, "{proto}");
+        assert_eq!(a.header("x-api-version"), Some("v2"));
+        assert_v2_payment_as_v1(&a, proto);
+    }
+    let stats = envoy.stats().await;
+    let l = [
+        ("route", "payments"),
+        ("direction", "v2-v1"),
+        ("message", "response"),
+    ];
+    assert_eq!(stats.get("handoff_translate_translations", &l), 2.0);
+    support::assert_survived(envoy).await;
 }
 
 #[tokio::test]

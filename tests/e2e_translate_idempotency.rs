@@ -10,6 +10,10 @@ use serde_json::{json, Value};
 use support::{clients, Backend, Envoy, EnvoyOpts};
 
 async fn setup() -> (Envoy, Backend, Backend) {
+    setup_with(|_| {}).await
+}
+
+async fn setup_with(edit: impl FnOnce(&mut Value) + 'static) -> (Envoy, Backend, Backend) {
     let v1 = Backend::start("v1", "v1");
     let v2 = Backend::start("v2", "v2");
     let mut cfg = support::fixture_plugin_config("translate");
@@ -22,7 +26,8 @@ async fn setup() -> (Envoy, Backend, Backend) {
         EnvoyOpts::new("translate")
             .upstream(8081, &v1)
             .upstream(8082, &v2)
-            .plugin_config(cfg),
+            .plugin_config(cfg)
+            .edit(edit),
     )
     .await;
     (envoy, v1, v2)
@@ -145,4 +150,39 @@ async fn a_v2_retry_of_a_v1_operation_gets_the_backend_body_and_a_changed_one_is
         stats.get("handoff_idempotency_outcomes", &[("outcome", "mismatch")]),
         2.0
     );
+}
+
+/// A backend response ended by trailers (over HTTP/2 upstreams) is captured whole before it is
+/// translated: the replay is the backend's own body, translated for the client that asks.
+#[tokio::test]
+async fn a_response_ended_by_trailers_is_stored_and_replayed_whole() {
+    let (envoy, _v1, v2) = setup_with(support::h2_upstreams).await;
+    for (proto, client) in clients() {
+        let key = format!("op-trailers-{proto}");
+        let v1_url = envoy.url("/api/v1/payments?trailers=1");
+        let (s, replayed, _, first) = post(&client, v1_url.clone(), &key, &v1_body()).await;
+        assert_eq!((s, replayed), (201, None), "{proto}: {first}");
+        assert_eq!(first["status"], "succeeded", "{proto}: {first}");
+        let (s, replayed, translated, again) = post(&client, v1_url, &key, &v1_body()).await;
+        assert_eq!(s, 201, "{proto}: {again}");
+        assert_eq!(replayed.as_deref(), Some("true"));
+        assert_eq!(translated.as_deref(), Some("v2-v1"));
+        assert_eq!(again, first, "{proto}");
+        let v2_url = envoy.url("/api/v2/payments?trailers=1");
+        let (s, replayed, _, own) = post(&client, v2_url, &key, &v2_body()).await;
+        assert_eq!(
+            (s, replayed.as_deref()),
+            (201, Some("true")),
+            "{proto}: {own}"
+        );
+        assert_eq!(
+            own["id"], first["transaction_id"],
+            "{proto}: the backend's own body: {own}"
+        );
+        assert!(
+            own.get("customer").is_some(),
+            "{proto}: untranslated: {own}"
+        );
+    }
+    assert_eq!(v2.requests().await, 2, "one execution per protocol");
 }

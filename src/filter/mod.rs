@@ -15,6 +15,7 @@ use std::rc::Rc;
 
 use crate::canary::Variant;
 use crate::config::Config;
+use crate::translate::Message;
 use metrics::Metrics;
 
 /// Marks a request whose body handoff must see whole before it may be forwarded (translation,
@@ -193,7 +194,7 @@ impl HttpContext for Http {
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         // Translation first: idempotency fingerprints the body as forwarded.
-        let a = translate::on_request_trailers(self);
+        let a = translate::on_trailers(self, Message::Request);
         if self.replied {
             return Action::Pause;
         }
@@ -234,7 +235,21 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        idempotency::on_response_trailers(self)
+        // Trailers end the body. A body translate buffers reached no body callback with the
+        // end of stream: the capture reads it whole here, before translate rewrites it.
+        let a = if translate::buffers_response(self) {
+            let size = self
+                .get_http_response_body(0, u32::MAX as usize)
+                .map_or(0, |b| b.len());
+            idempotency::on_response_body(self, size, true)
+        } else {
+            idempotency::on_response_trailers(self)
+        };
+        if self.replied {
+            return a;
+        }
+        let b = translate::on_trailers(self, Message::Response);
+        both(a, b)
     }
 
     fn on_log(&mut self) {

@@ -106,13 +106,17 @@ pub fn on_request_body(http: &mut Http, body_size: usize, end_of_stream: bool) -
         return Action::Pause;
     }
     let body = http.get_http_request_body(0, body_size).unwrap_or_default();
-    rewrite_request(http, route, body_size, &body)
+    rewrite(http, route, Message::Request, body_size, &body)
 }
 
-/// Trailers end a request body that has them (gRPC-style HTTP/2 clients): the body buffered
-/// so far is the whole body, translated now. The trailers themselves pass unchanged.
-pub fn on_request_trailers(http: &mut Http) -> Action {
-    let Some(p) = http.translate.as_ref().filter(|p| p.request_body) else {
+/// Trailers end a body that has them (gRPC-style HTTP/2 clients and backends): what is
+/// buffered so far is the whole body, translated now. The trailers pass unchanged.
+pub fn on_trailers(http: &mut Http, message: Message) -> Action {
+    let buffering = |p: &&Pending| match message {
+        Message::Request => p.request_body,
+        Message::Response => p.response_body,
+    };
+    let Some(p) = http.translate.as_ref().filter(buffering) else {
         return Action::Continue;
     };
     let config = http.config.clone();
@@ -120,34 +124,44 @@ pub fn on_request_trailers(http: &mut Http) -> Action {
         return Action::Continue;
     };
     // Envoy clamps the length to the buffer; u32::MAX is "all of it" on wasm32.
-    let body = http
-        .get_http_request_body(0, u32::MAX as usize)
-        .unwrap_or_default();
-    if let Err(e) = route.check_size(body.len()) {
-        return fail(http, &route.name, Message::Request, &e);
+    let all = u32::MAX as usize;
+    let body = match message {
+        Message::Request => http.get_http_request_body(0, all),
+        Message::Response => http.get_http_response_body(0, all),
     }
-    rewrite_request(http, route, body.len(), &body)
+    .unwrap_or_default();
+    if let Err(e) = route.check_size(body.len()) {
+        return fail(http, &route.name, message, &e);
+    }
+    rewrite(http, route, message, body.len(), &body)
 }
 
-/// Replaces the buffered request body (`size` bytes) with its translation, or answers the
-/// error.
-fn rewrite_request(http: &mut Http, route: &Route, size: usize, body: &[u8]) -> Action {
-    let Some(client) = http.translate.as_ref().map(|p| p.plan.client) else {
+/// Replaces the buffered body (`size` bytes) of `message` with its translation, or answers
+/// the error.
+fn rewrite(http: &mut Http, route: &Route, message: Message, size: usize, body: &[u8]) -> Action {
+    let Some(plan) = http.translate.as_ref().map(|p| p.plan.clone()) else {
         return Action::Continue;
     };
-    match route.translate_request(client, body) {
+    let out = match message {
+        Message::Request => route.translate_request(plan.client, body),
+        Message::Response => route.translate_response(plan.client, body),
+    };
+    match out {
         Ok(out) => {
-            http.set_http_request_body(0, size, &out);
+            match message {
+                Message::Request => http.set_http_request_body(0, size, &out),
+                Message::Response => http.set_http_response_body(0, size, &out),
+            }
             if let Some(p) = http.translate.as_mut() {
-                p.request_body = false;
+                match message {
+                    Message::Request => p.request_body = false,
+                    Message::Response => p.response_body = false,
+                }
             }
-            if let Some(p) = http.translate.as_ref() {
-                let plan = p.plan.clone();
-                count(http, &plan, Message::Request);
-            }
+            count(http, &plan, message);
             Action::Continue
         }
-        Err(e) => fail(http, &route.name, Message::Request, &e),
+        Err(e) => fail(http, &route.name, message, &e),
     }
 }
 
@@ -200,24 +214,10 @@ pub fn on_response_body(http: &mut Http, body_size: usize, end_of_stream: bool) 
     if !end_of_stream {
         return Action::Pause;
     }
-    let client = p.plan.client;
     let body = http
         .get_http_response_body(0, body_size)
         .unwrap_or_default();
-    match route.translate_response(client, &body) {
-        Ok(out) => {
-            http.set_http_response_body(0, body_size, &out);
-            if let Some(p) = http.translate.as_mut() {
-                p.response_body = false;
-            }
-            if let Some(p) = http.translate.as_ref() {
-                let plan = p.plan.clone();
-                count(http, &plan, Message::Response);
-            }
-            Action::Continue
-        }
-        Err(e) => fail(http, &route.name, Message::Response, &e),
-    }
+    rewrite(http, route, Message::Response, body_size, &body)
 }
 
 fn count(http: &Http, plan: &Plan, message: Message) {

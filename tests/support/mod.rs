@@ -591,3 +591,19 @@ pub async fn h2_post_with_trailers(
         .to_vec();
     (status, headers, body)
 }
+
+/// Upstream clusters of a fixture spoken to over HTTP/2 (h2c), so response trailers reach
+/// the filter.
+pub fn h2_upstreams(cfg: &mut Value) {
+    let clusters = cfg["static_resources"]["clusters"]
+        .as_array_mut()
+        .expect("clusters");
+    for c in clusters {
+        c["typed_extension_protocol_options"] = serde_json::json!({
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}
+            }
+        });
+    }
+}
