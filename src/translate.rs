@@ -834,9 +834,14 @@ impl Route {
             column: e.column(),
             message: strip_position(&e.to_string()),
         })?;
-        let out = translate_value(entries, from, &doc, self.unmapped)?;
-        // Serializing a Value cannot fail.
-        Ok(serde_json::to_vec(&out).unwrap_or_default())
+        let out = translate_owned(entries, from, doc, self.unmapped)?;
+        // The output is about the size of the input: one allocation, not a series of doublings.
+        let mut bytes = Vec::with_capacity(body.len() + body.len() / 8 + 16);
+        // Serializing a Value into a Vec cannot fail.
+        match serde_json::to_writer(&mut bytes, &out) {
+            Ok(()) => Ok(bytes),
+            Err(_) => Ok(Vec::new()),
+        }
     }
 }
 
@@ -848,49 +853,49 @@ fn strip_position(msg: &str) -> String {
     }
 }
 
-/// One place a source pointer leads to in a document.
+/// One place a source pointer leads to in a document; the array index bound to each `*` comes
+/// with it.
 enum Found<'a> {
-    /// A value, with the array index bound to each `*`.
-    Value(Vec<usize>, &'a Value),
-    /// Nothing there; the indices bound before the path broke off.
-    Absent(Vec<usize>),
-    /// A `*` met an empty array after binding these indices.
-    EmptyArray(Vec<usize>),
+    /// A value.
+    Value(&'a mut Value),
+    /// Nothing there; the indices are those bound before the path broke off.
+    Absent,
+    /// A `*` met an empty array.
+    EmptyArray,
 }
 
-fn find<'a>(
-    v: Option<&'a Value>,
+/// Calls `f` for each place `segs` leads to from `v`, in document order; stops at the first
+/// error `f` returns.
+fn find<E>(
+    v: Option<&mut Value>,
     segs: &[Segment],
     idx: &mut Vec<usize>,
-    out: &mut Vec<Found<'a>>,
-) {
+    f: &mut impl FnMut(Found<'_>, &[usize]) -> Result<(), E>,
+) -> Result<(), E> {
     let Some((seg, rest)) = segs.split_first() else {
-        out.push(match v {
-            Some(v) => Found::Value(idx.clone(), v),
-            None => Found::Absent(idx.clone()),
-        });
-        return;
+        return f(v.map_or(Found::Absent, Found::Value), idx);
     };
     match (seg, v) {
         (Segment::Each, Some(Value::Array(items))) => {
             if items.is_empty() {
-                out.push(Found::EmptyArray(idx.clone()));
+                return f(Found::EmptyArray, idx);
             }
-            for (i, item) in items.iter().enumerate() {
+            for (i, item) in items.iter_mut().enumerate() {
                 idx.push(i);
-                find(Some(item), rest, idx, out);
+                find(Some(item), rest, idx, f)?;
                 idx.pop();
             }
+            Ok(())
         }
-        (Segment::Each, _) => out.push(Found::Absent(idx.clone())),
-        (Segment::Key(k), v) => find(v.and_then(|v| v.as_object()?.get(k)), rest, idx, out),
+        (Segment::Each, _) => f(Found::Absent, idx),
+        (Segment::Key(k), v) => find(v.and_then(|v| v.as_object_mut()?.get_mut(k)), rest, idx, f),
         (Segment::Index(n), v) => {
             let child = match v {
-                Some(Value::Array(items)) => items.get(*n),
-                Some(Value::Object(m)) => m.get(&n.to_string()),
+                Some(Value::Array(items)) => items.get_mut(*n),
+                Some(Value::Object(m)) => m.get_mut(&n.to_string()),
                 _ => None,
             };
-            find(child, rest, idx, out)
+            find(child, rest, idx, f)
         }
     }
 }
@@ -902,6 +907,17 @@ fn object(v: &mut Value) -> &mut Map<String, Value> {
     match v {
         Value::Object(m) => m,
         _ => unreachable!("just made an object"),
+    }
+}
+
+/// The member `k` of `m`, added as `null` if missing. The key is copied only when it is added.
+fn member<'a>(m: &'a mut Map<String, Value>, k: &str) -> &'a mut Value {
+    if !m.contains_key(k) {
+        m.insert(k.to_string(), Value::Null);
+    }
+    match m.get_mut(k) {
+        Some(v) => v,
+        None => unreachable!("just added"),
     }
 }
 
@@ -927,10 +943,8 @@ fn place<'a>(doc: &'a mut Value, segs: &[Segment], idx: &[usize], stop: usize) -
     let mut bound = idx.iter();
     for seg in &segs[..stop] {
         cur = match seg {
-            Segment::Key(k) => object(cur).entry(k.clone()).or_insert(Value::Null),
-            Segment::Index(n) if cur.is_object() => {
-                object(cur).entry(n.to_string()).or_insert(Value::Null)
-            }
+            Segment::Key(k) => member(object(cur), k),
+            Segment::Index(n) if cur.is_object() => member(object(cur), &n.to_string()),
             Segment::Index(n) => element(cur, *n),
             Segment::Each => element(cur, bound.next().copied().unwrap_or(0)),
         };
@@ -1013,7 +1027,19 @@ pub fn translate_value(
     doc: &Value,
     unmapped: Unmapped,
 ) -> Result<Value, TranslateError> {
+    translate_owned(entries, from, doc.clone(), unmapped)
+}
+
+/// `translate_value` on a document it may take apart: a source no later entry reads again is
+/// moved into the result rather than copied (a mapped array of a 64 KB body is most of it).
+pub fn translate_owned(
+    entries: &[Entry],
+    from: ApiVersion,
+    mut doc: Value,
+    unmapped: Unmapped,
+) -> Result<Value, TranslateError> {
     let to = from.other();
+    let was_null = doc.is_null();
     let mut out = match unmapped {
         Unmapped::Drop => Value::Null,
         Unmapped::Keep => {
@@ -1024,7 +1050,7 @@ pub fn translate_value(
             rest
         }
     };
-    for e in entries {
+    for (i, e) in entries.iter().enumerate() {
         let Some(dst) = e.side(to) else {
             continue;
         };
@@ -1034,42 +1060,51 @@ pub fn translate_value(
             }
             continue;
         };
-        let mut found = Vec::new();
-        find(Some(doc), &src.segments, &mut Vec::new(), &mut found);
-        for f in found {
-            match f {
-                Found::Value(idx, v) => {
-                    *place(&mut out, &dst.segments, &idx, dst.segments.len()) = v.clone();
-                }
-                Found::Absent(idx) => {
-                    if e.required {
-                        return Err(TranslateError::MissingRequired {
-                            pointer: src.text.clone(),
-                        });
+        let take = !entries[i + 1..]
+            .iter()
+            .filter_map(|later| later.side(from))
+            .any(|p| p.overlaps(src));
+        find(
+            Some(&mut doc),
+            &src.segments,
+            &mut Vec::new(),
+            &mut |found, idx| {
+                match found {
+                    Found::Value(v) => {
+                        let v = if take { std::mem::take(v) } else { v.clone() };
+                        *place(&mut out, &dst.segments, idx, dst.segments.len()) = v;
                     }
-                    // A default needs every `*` bound to know where it goes.
-                    if let (Some(d), true) = (&e.default, idx.len() == src.wildcards()) {
-                        *place(&mut out, &dst.segments, &idx, dst.segments.len()) = d.clone();
+                    Found::Absent => {
+                        if e.required {
+                            return Err(TranslateError::MissingRequired {
+                                pointer: src.text.clone(),
+                            });
+                        }
+                        // A default needs every `*` bound to know where it goes.
+                        if let (Some(d), true) = (&e.default, idx.len() == src.wildcards()) {
+                            *place(&mut out, &dst.segments, idx, dst.segments.len()) = d.clone();
+                        }
+                    }
+                    Found::EmptyArray => {
+                        // Keep `[]` as `[]`: the target's array at the same `*` exists, empty.
+                        let stop = dst
+                            .segments
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| **s == Segment::Each)
+                            .nth(idx.len())
+                            .map_or(dst.segments.len(), |(i, _)| i);
+                        let slot = place(&mut out, &dst.segments, idx, stop);
+                        if slot.is_null() {
+                            *slot = Value::Array(Vec::new());
+                        }
                     }
                 }
-                Found::EmptyArray(idx) => {
-                    // Keep `[]` as `[]`: the target's array at the same `*` exists, empty.
-                    let stop = dst
-                        .segments
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, s)| **s == Segment::Each)
-                        .nth(idx.len())
-                        .map_or(dst.segments.len(), |(i, _)| i);
-                    let slot = place(&mut out, &dst.segments, &idx, stop);
-                    if slot.is_null() {
-                        *slot = Value::Array(Vec::new());
-                    }
-                }
-            }
-        }
+                Ok(())
+            },
+        )?;
     }
-    if out.is_null() && !doc.is_null() {
+    if out.is_null() && !was_null {
         out = Value::Object(Map::new());
     }
     Ok(out)
