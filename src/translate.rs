@@ -7,7 +7,8 @@
 //! is `filter::translate`.
 
 use serde::{Deserialize, Deserializer};
-use serde_json::{Map, Value};
+use serde_json::Value;
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::canary::Variant;
@@ -829,15 +830,15 @@ impl Route {
         body: &[u8],
     ) -> Result<Vec<u8>, TranslateError> {
         self.check_size(body.len())?;
-        let doc: Value = serde_json::from_slice(body).map_err(|e| TranslateError::InvalidJson {
+        let doc: Node = serde_json::from_slice(body).map_err(|e| TranslateError::InvalidJson {
             line: e.line(),
             column: e.column(),
             message: strip_position(&e.to_string()),
         })?;
-        let out = translate_owned(entries, from, doc, self.unmapped)?;
+        let out = translate_tree(entries, from, doc, self.unmapped)?;
         // The output is about the size of the input: one allocation, not a series of doublings.
-        let mut bytes = Vec::with_capacity(body.len() + body.len() / 8 + 16);
-        // Serializing a Value into a Vec cannot fail.
+        let mut bytes = Vec::with_capacity(body.len() + body.len() / 2 + 64);
+        // Serializing into a Vec cannot fail.
         match serde_json::to_writer(&mut bytes, &out) {
             Ok(()) => Ok(bytes),
             Err(_) => Ok(Vec::new()),
@@ -855,9 +856,9 @@ fn strip_position(msg: &str) -> String {
 
 /// One place a source pointer leads to in a document; the array index bound to each `*` comes
 /// with it.
-enum Found<'a> {
+enum Found<'a, 'v> {
     /// A value.
-    Value(&'a mut Value),
+    Value(&'a mut Node<'v>),
     /// Nothing there; the indices are those bound before the path broke off.
     Absent,
     /// A `*` met an empty array.
@@ -866,17 +867,17 @@ enum Found<'a> {
 
 /// Calls `f` for each place `segs` leads to from `v`, in document order; stops at the first
 /// error `f` returns.
-fn find<E>(
-    v: Option<&mut Value>,
+fn find<'v, E>(
+    v: Option<&mut Node<'v>>,
     segs: &[Segment],
     idx: &mut Vec<usize>,
-    f: &mut impl FnMut(Found<'_>, &[usize]) -> Result<(), E>,
+    f: &mut impl FnMut(Found<'_, 'v>, &[usize]) -> Result<(), E>,
 ) -> Result<(), E> {
     let Some((seg, rest)) = segs.split_first() else {
         return f(v.map_or(Found::Absent, Found::Value), idx);
     };
     match (seg, v) {
-        (Segment::Each, Some(Value::Array(items))) => {
+        (Segment::Each, Some(Node::Array(items))) => {
             if items.is_empty() {
                 return f(Found::EmptyArray, idx);
             }
@@ -888,11 +889,19 @@ fn find<E>(
             Ok(())
         }
         (Segment::Each, _) => f(Found::Absent, idx),
-        (Segment::Key(k), v) => find(v.and_then(|v| v.as_object_mut()?.get_mut(k)), rest, idx, f),
+        (Segment::Key(k), v) => find(
+            v.and_then(|v| match v {
+                Node::Object(m) => m.get_mut(k),
+                _ => None,
+            }),
+            rest,
+            idx,
+            f,
+        ),
         (Segment::Index(n), v) => {
             let child = match v {
-                Some(Value::Array(items)) => items.get_mut(*n),
-                Some(Value::Object(m)) => m.get_mut(&n.to_string()),
+                Some(Node::Array(items)) => items.get_mut(*n),
+                Some(Node::Object(m)) => m.get_mut(&n.to_string()),
                 _ => None,
             };
             find(child, rest, idx, f)
@@ -900,35 +909,24 @@ fn find<E>(
     }
 }
 
-fn object(v: &mut Value) -> &mut Map<String, Value> {
-    if !v.is_object() {
-        *v = Value::Object(Map::new());
+fn object<'a, 'v>(v: &'a mut Node<'v>) -> &'a mut Object<'v> {
+    if !matches!(v, Node::Object(_)) {
+        *v = Node::Object(Object::default());
     }
     match v {
-        Value::Object(m) => m,
+        Node::Object(m) => m,
         _ => unreachable!("just made an object"),
     }
 }
 
-/// The member `k` of `m`, added as `null` if missing. The key is copied only when it is added.
-fn member<'a>(m: &'a mut Map<String, Value>, k: &str) -> &'a mut Value {
-    if !m.contains_key(k) {
-        m.insert(k.to_string(), Value::Null);
-    }
-    match m.get_mut(k) {
-        Some(v) => v,
-        None => unreachable!("just added"),
-    }
-}
-
-fn element(v: &mut Value, i: usize) -> &mut Value {
-    if !v.is_array() {
-        *v = Value::Array(Vec::new());
+fn element<'a, 'v>(v: &'a mut Node<'v>, i: usize) -> &'a mut Node<'v> {
+    if !matches!(v, Node::Array(_)) {
+        *v = Node::Array(Vec::new());
     }
     match v {
-        Value::Array(items) => {
+        Node::Array(items) => {
             if items.len() <= i {
-                items.resize(i + 1, Value::Null);
+                items.resize(i + 1, Node::Null);
             }
             &mut items[i]
         }
@@ -938,13 +936,20 @@ fn element(v: &mut Value, i: usize) -> &mut Value {
 
 /// The place `segs` leads to in `doc`, creating objects and arrays on the way, with `idx`
 /// bound to the `*`s. Stops before segment `stop`.
-fn place<'a>(doc: &'a mut Value, segs: &[Segment], idx: &[usize], stop: usize) -> &'a mut Value {
+fn place<'a, 'v>(
+    doc: &'a mut Node<'v>,
+    segs: &'v [Segment],
+    idx: &[usize],
+    stop: usize,
+) -> &'a mut Node<'v> {
     let mut cur = doc;
     let mut bound = idx.iter();
     for seg in &segs[..stop] {
         cur = match seg {
-            Segment::Key(k) => member(object(cur), k),
-            Segment::Index(n) if cur.is_object() => member(object(cur), &n.to_string()),
+            Segment::Key(k) => object(cur).member(Cow::Borrowed(k)),
+            Segment::Index(n) if matches!(cur, Node::Object(_)) => {
+                object(cur).member(Cow::Owned(n.to_string()))
+            }
             Segment::Index(n) => element(cur, *n),
             Segment::Each => element(cur, bound.next().copied().unwrap_or(0)),
         };
@@ -955,12 +960,12 @@ fn place<'a>(doc: &'a mut Value, segs: &[Segment], idx: &[usize], stop: usize) -
 /// Removes what `segs` names from `v`; true when something was removed. A container the
 /// removal left empty goes too, rather than staying behind as a hollow `{}` of fields that
 /// were all mapped elsewhere.
-fn remove(v: &mut Value, segs: &[Segment]) -> bool {
+fn remove(v: &mut Node<'_>, segs: &[Segment]) -> bool {
     let Some((seg, rest)) = segs.split_first() else {
         return false;
     };
     match (seg, v) {
-        (Segment::Each, Value::Array(items)) => {
+        (Segment::Each, Node::Array(items)) => {
             if rest.is_empty() {
                 let any = !items.is_empty();
                 items.clear();
@@ -975,7 +980,7 @@ fn remove(v: &mut Value, segs: &[Segment]) -> bool {
             }
             any
         }
-        (Segment::Key(_) | Segment::Index(_), Value::Object(m)) => {
+        (Segment::Key(_) | Segment::Index(_), Node::Object(m)) => {
             let key = segment_key(seg);
             if rest.is_empty() {
                 return m.remove(&key).is_some();
@@ -989,7 +994,7 @@ fn remove(v: &mut Value, segs: &[Segment]) -> bool {
             }
             removed
         }
-        (Segment::Index(n), Value::Array(items)) if *n < items.len() => {
+        (Segment::Index(n), Node::Array(items)) if *n < items.len() => {
             if rest.is_empty() {
                 items.remove(*n);
                 return true;
@@ -1004,18 +1009,18 @@ fn remove(v: &mut Value, segs: &[Segment]) -> bool {
     }
 }
 
-fn segment_key(seg: &Segment) -> String {
+fn segment_key(seg: &Segment) -> Cow<'_, str> {
     match seg {
-        Segment::Key(k) => k.clone(),
-        Segment::Index(n) => n.to_string(),
-        Segment::Each => "*".to_string(),
+        Segment::Key(k) => Cow::Borrowed(k),
+        Segment::Index(n) => Cow::Owned(n.to_string()),
+        Segment::Each => Cow::Borrowed("*"),
     }
 }
 
-fn is_empty_container(v: &Value) -> bool {
+fn is_empty_container(v: &Node<'_>) -> bool {
     match v {
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
+        Node::Object(m) => m.is_empty(),
+        Node::Array(a) => a.is_empty(),
         _ => false,
     }
 }
@@ -1027,21 +1032,21 @@ pub fn translate_value(
     doc: &Value,
     unmapped: Unmapped,
 ) -> Result<Value, TranslateError> {
-    translate_owned(entries, from, doc.clone(), unmapped)
+    translate_tree(entries, from, Node::from_value(doc), unmapped).map(Node::into_value)
 }
 
 /// `translate_value` on a document it may take apart: a source no later entry reads again is
 /// moved into the result rather than copied (a mapped array of a 64 KB body is most of it).
-pub fn translate_owned(
-    entries: &[Entry],
+fn translate_tree<'v>(
+    entries: &'v [Entry],
     from: ApiVersion,
-    mut doc: Value,
+    mut doc: Node<'v>,
     unmapped: Unmapped,
-) -> Result<Value, TranslateError> {
+) -> Result<Node<'v>, TranslateError> {
     let to = from.other();
     let was_null = doc.is_null();
     let mut out = match unmapped {
-        Unmapped::Drop => Value::Null,
+        Unmapped::Drop => Node::Null,
         Unmapped::Keep => {
             let mut rest = doc.clone();
             for p in entries.iter().filter_map(|e| e.side(from)) {
@@ -1056,7 +1061,7 @@ pub fn translate_owned(
         };
         let Some(src) = e.side(from) else {
             if let Some(d) = &e.default {
-                *place(&mut out, &dst.segments, &[], dst.segments.len()) = d.clone();
+                *place(&mut out, &dst.segments, &[], dst.segments.len()) = Node::from_value(d);
             }
             continue;
         };
@@ -1082,7 +1087,8 @@ pub fn translate_owned(
                         }
                         // A default needs every `*` bound to know where it goes.
                         if let (Some(d), true) = (&e.default, idx.len() == src.wildcards()) {
-                            *place(&mut out, &dst.segments, idx, dst.segments.len()) = d.clone();
+                            *place(&mut out, &dst.segments, idx, dst.segments.len()) =
+                                Node::from_value(d);
                         }
                     }
                     Found::EmptyArray => {
@@ -1096,7 +1102,7 @@ pub fn translate_owned(
                             .map_or(dst.segments.len(), |(i, _)| i);
                         let slot = place(&mut out, &dst.segments, idx, stop);
                         if slot.is_null() {
-                            *slot = Value::Array(Vec::new());
+                            *slot = Node::Array(Vec::new());
                         }
                     }
                 }
@@ -1105,10 +1111,13 @@ pub fn translate_owned(
         )?;
     }
     if out.is_null() && !was_null {
-        out = Value::Object(Map::new());
+        out = Node::Object(Object::default());
     }
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests;
+mod tree;
+
+use tree::{Node, Object};

@@ -786,14 +786,19 @@ proptest! {
         let r = route_with(Value::from(entries.clone()), if keep { "keep" } else { "drop" });
         // A v1 document the mapping covers: each v1 pointer holds values (one per element
         // for `*`), plus a field no entry names.
-        let mut v1 = json!({"unnamed": extra});
-        for (i, (a, _, each)) in shape.iter().enumerate() {
-            let p = Pointer::parse(&pointer(format!("k{i}"), a, *each)).unwrap();
+        let pointers: Vec<Pointer> = shape
+            .iter()
+            .enumerate()
+            .map(|(i, (a, _, each))| Pointer::parse(&pointer(format!("k{i}"), a, *each)).unwrap())
+            .collect();
+        let mut doc = Node::from_value(&json!({"unnamed": extra}));
+        for (i, ((_, _, each), p)) in shape.iter().zip(&pointers).enumerate() {
             let n = if *each { values[i].len() } else { 1 };
             for (j, value) in values[i].iter().take(n).enumerate() {
-                *place(&mut v1, &p.segments, &[j], p.segments.len()) = value.clone();
+                *place(&mut doc, &p.segments, &[j], p.segments.len()) = Node::from_value(value);
             }
         }
+        let v1 = doc.into_value();
         let v2 = r.translate_request_value(ApiVersion::V1, &v1).unwrap();
         let back = r.translate_request_value(ApiVersion::V2, &v2).unwrap();
         for (i, entry) in entries.iter().enumerate() {
