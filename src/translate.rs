@@ -7,7 +7,8 @@
 //! is `filter::translate`.
 
 use serde::{Deserialize, Deserializer};
-use serde_json::{Map, Value};
+use serde_json::Value;
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::canary::Variant;
@@ -829,14 +830,19 @@ impl Route {
         body: &[u8],
     ) -> Result<Vec<u8>, TranslateError> {
         self.check_size(body.len())?;
-        let doc: Value = serde_json::from_slice(body).map_err(|e| TranslateError::InvalidJson {
+        let doc: Node = serde_json::from_slice(body).map_err(|e| TranslateError::InvalidJson {
             line: e.line(),
             column: e.column(),
             message: strip_position(&e.to_string()),
         })?;
-        let out = translate_value(entries, from, &doc, self.unmapped)?;
-        // Serializing a Value cannot fail.
-        Ok(serde_json::to_vec(&out).unwrap_or_default())
+        let out = translate_tree(entries, from, doc, self.unmapped)?;
+        // The output is about the size of the input: one allocation, not a series of doublings.
+        let mut bytes = Vec::with_capacity(body.len() + body.len() / 2 + 64);
+        // Serializing into a Vec cannot fail.
+        match serde_json::to_writer(&mut bytes, &out) {
+            Ok(()) => Ok(bytes),
+            Err(_) => Ok(Vec::new()),
+        }
     }
 }
 
@@ -848,71 +854,79 @@ fn strip_position(msg: &str) -> String {
     }
 }
 
-/// One place a source pointer leads to in a document.
-enum Found<'a> {
-    /// A value, with the array index bound to each `*`.
-    Value(Vec<usize>, &'a Value),
-    /// Nothing there; the indices bound before the path broke off.
-    Absent(Vec<usize>),
-    /// A `*` met an empty array after binding these indices.
-    EmptyArray(Vec<usize>),
+/// One place a source pointer leads to in a document; the array index bound to each `*` comes
+/// with it.
+enum Found<'a, 'v> {
+    /// A value.
+    Value(&'a mut Node<'v>),
+    /// Nothing there; the indices are those bound before the path broke off.
+    Absent,
+    /// A `*` met an empty array.
+    EmptyArray,
 }
 
-fn find<'a>(
-    v: Option<&'a Value>,
+/// Calls `f` for each place `segs` leads to from `v`, in document order; stops at the first
+/// error `f` returns.
+fn find<'v, E>(
+    v: Option<&mut Node<'v>>,
     segs: &[Segment],
     idx: &mut Vec<usize>,
-    out: &mut Vec<Found<'a>>,
-) {
+    f: &mut impl FnMut(Found<'_, 'v>, &[usize]) -> Result<(), E>,
+) -> Result<(), E> {
     let Some((seg, rest)) = segs.split_first() else {
-        out.push(match v {
-            Some(v) => Found::Value(idx.clone(), v),
-            None => Found::Absent(idx.clone()),
-        });
-        return;
+        return f(v.map_or(Found::Absent, Found::Value), idx);
     };
     match (seg, v) {
-        (Segment::Each, Some(Value::Array(items))) => {
+        (Segment::Each, Some(Node::Array(items))) => {
             if items.is_empty() {
-                out.push(Found::EmptyArray(idx.clone()));
+                return f(Found::EmptyArray, idx);
             }
-            for (i, item) in items.iter().enumerate() {
+            for (i, item) in items.iter_mut().enumerate() {
                 idx.push(i);
-                find(Some(item), rest, idx, out);
+                find(Some(item), rest, idx, f)?;
                 idx.pop();
             }
+            Ok(())
         }
-        (Segment::Each, _) => out.push(Found::Absent(idx.clone())),
-        (Segment::Key(k), v) => find(v.and_then(|v| v.as_object()?.get(k)), rest, idx, out),
+        (Segment::Each, _) => f(Found::Absent, idx),
+        (Segment::Key(k), v) => find(
+            v.and_then(|v| match v {
+                Node::Object(m) => m.get_mut(k),
+                _ => None,
+            }),
+            rest,
+            idx,
+            f,
+        ),
         (Segment::Index(n), v) => {
             let child = match v {
-                Some(Value::Array(items)) => items.get(*n),
-                Some(Value::Object(m)) => m.get(&n.to_string()),
+                Some(Node::Array(items)) => items.get_mut(*n),
+                Some(Node::Object(m)) => m.get_mut(&n.to_string()),
                 _ => None,
             };
-            find(child, rest, idx, out)
+            find(child, rest, idx, f)
         }
     }
 }
 
-fn object(v: &mut Value) -> &mut Map<String, Value> {
-    if !v.is_object() {
-        *v = Value::Object(Map::new());
+fn object<'a, 'v>(v: &'a mut Node<'v>) -> &'a mut Object<'v> {
+    if !matches!(v, Node::Object(_)) {
+        *v = Node::Object(Object::default());
     }
     match v {
-        Value::Object(m) => m,
+        Node::Object(m) => m,
         _ => unreachable!("just made an object"),
     }
 }
 
-fn element(v: &mut Value, i: usize) -> &mut Value {
-    if !v.is_array() {
-        *v = Value::Array(Vec::new());
+fn element<'a, 'v>(v: &'a mut Node<'v>, i: usize) -> &'a mut Node<'v> {
+    if !matches!(v, Node::Array(_)) {
+        *v = Node::Array(Vec::new());
     }
     match v {
-        Value::Array(items) => {
+        Node::Array(items) => {
             if items.len() <= i {
-                items.resize(i + 1, Value::Null);
+                items.resize(i + 1, Node::Null);
             }
             &mut items[i]
         }
@@ -922,14 +936,19 @@ fn element(v: &mut Value, i: usize) -> &mut Value {
 
 /// The place `segs` leads to in `doc`, creating objects and arrays on the way, with `idx`
 /// bound to the `*`s. Stops before segment `stop`.
-fn place<'a>(doc: &'a mut Value, segs: &[Segment], idx: &[usize], stop: usize) -> &'a mut Value {
+fn place<'a, 'v>(
+    doc: &'a mut Node<'v>,
+    segs: &'v [Segment],
+    idx: &[usize],
+    stop: usize,
+) -> &'a mut Node<'v> {
     let mut cur = doc;
     let mut bound = idx.iter();
     for seg in &segs[..stop] {
         cur = match seg {
-            Segment::Key(k) => object(cur).entry(k.clone()).or_insert(Value::Null),
-            Segment::Index(n) if cur.is_object() => {
-                object(cur).entry(n.to_string()).or_insert(Value::Null)
+            Segment::Key(k) => object(cur).member(Cow::Borrowed(k)),
+            Segment::Index(n) if matches!(cur, Node::Object(_)) => {
+                object(cur).member(Cow::Owned(n.to_string()))
             }
             Segment::Index(n) => element(cur, *n),
             Segment::Each => element(cur, bound.next().copied().unwrap_or(0)),
@@ -941,12 +960,12 @@ fn place<'a>(doc: &'a mut Value, segs: &[Segment], idx: &[usize], stop: usize) -
 /// Removes what `segs` names from `v`; true when something was removed. A container the
 /// removal left empty goes too, rather than staying behind as a hollow `{}` of fields that
 /// were all mapped elsewhere.
-fn remove(v: &mut Value, segs: &[Segment]) -> bool {
+fn remove(v: &mut Node<'_>, segs: &[Segment]) -> bool {
     let Some((seg, rest)) = segs.split_first() else {
         return false;
     };
     match (seg, v) {
-        (Segment::Each, Value::Array(items)) => {
+        (Segment::Each, Node::Array(items)) => {
             if rest.is_empty() {
                 let any = !items.is_empty();
                 items.clear();
@@ -961,7 +980,7 @@ fn remove(v: &mut Value, segs: &[Segment]) -> bool {
             }
             any
         }
-        (Segment::Key(_) | Segment::Index(_), Value::Object(m)) => {
+        (Segment::Key(_) | Segment::Index(_), Node::Object(m)) => {
             let key = segment_key(seg);
             if rest.is_empty() {
                 return m.remove(&key).is_some();
@@ -975,7 +994,7 @@ fn remove(v: &mut Value, segs: &[Segment]) -> bool {
             }
             removed
         }
-        (Segment::Index(n), Value::Array(items)) if *n < items.len() => {
+        (Segment::Index(n), Node::Array(items)) if *n < items.len() => {
             if rest.is_empty() {
                 items.remove(*n);
                 return true;
@@ -990,18 +1009,18 @@ fn remove(v: &mut Value, segs: &[Segment]) -> bool {
     }
 }
 
-fn segment_key(seg: &Segment) -> String {
+fn segment_key(seg: &Segment) -> Cow<'_, str> {
     match seg {
-        Segment::Key(k) => k.clone(),
-        Segment::Index(n) => n.to_string(),
-        Segment::Each => "*".to_string(),
+        Segment::Key(k) => Cow::Borrowed(k),
+        Segment::Index(n) => Cow::Owned(n.to_string()),
+        Segment::Each => Cow::Borrowed("*"),
     }
 }
 
-fn is_empty_container(v: &Value) -> bool {
+fn is_empty_container(v: &Node<'_>) -> bool {
     match v {
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
+        Node::Object(m) => m.is_empty(),
+        Node::Array(a) => a.is_empty(),
         _ => false,
     }
 }
@@ -1013,9 +1032,21 @@ pub fn translate_value(
     doc: &Value,
     unmapped: Unmapped,
 ) -> Result<Value, TranslateError> {
+    translate_tree(entries, from, Node::from_value(doc), unmapped).map(Node::into_value)
+}
+
+/// `translate_value` on a document it may take apart: a source no later entry reads again is
+/// moved into the result rather than copied (a mapped array of a 64 KB body is most of it).
+fn translate_tree<'v>(
+    entries: &'v [Entry],
+    from: ApiVersion,
+    mut doc: Node<'v>,
+    unmapped: Unmapped,
+) -> Result<Node<'v>, TranslateError> {
     let to = from.other();
+    let was_null = doc.is_null();
     let mut out = match unmapped {
-        Unmapped::Drop => Value::Null,
+        Unmapped::Drop => Node::Null,
         Unmapped::Keep => {
             let mut rest = doc.clone();
             for p in entries.iter().filter_map(|e| e.side(from)) {
@@ -1024,56 +1055,69 @@ pub fn translate_value(
             rest
         }
     };
-    for e in entries {
+    for (i, e) in entries.iter().enumerate() {
         let Some(dst) = e.side(to) else {
             continue;
         };
         let Some(src) = e.side(from) else {
             if let Some(d) = &e.default {
-                *place(&mut out, &dst.segments, &[], dst.segments.len()) = d.clone();
+                *place(&mut out, &dst.segments, &[], dst.segments.len()) = Node::from_value(d);
             }
             continue;
         };
-        let mut found = Vec::new();
-        find(Some(doc), &src.segments, &mut Vec::new(), &mut found);
-        for f in found {
-            match f {
-                Found::Value(idx, v) => {
-                    *place(&mut out, &dst.segments, &idx, dst.segments.len()) = v.clone();
-                }
-                Found::Absent(idx) => {
-                    if e.required {
-                        return Err(TranslateError::MissingRequired {
-                            pointer: src.text.clone(),
-                        });
+        let take = !entries[i + 1..]
+            .iter()
+            .filter_map(|later| later.side(from))
+            .any(|p| p.overlaps(src));
+        find(
+            Some(&mut doc),
+            &src.segments,
+            &mut Vec::new(),
+            &mut |found, idx| {
+                match found {
+                    Found::Value(v) => {
+                        let v = if take { std::mem::take(v) } else { v.clone() };
+                        *place(&mut out, &dst.segments, idx, dst.segments.len()) = v;
                     }
-                    // A default needs every `*` bound to know where it goes.
-                    if let (Some(d), true) = (&e.default, idx.len() == src.wildcards()) {
-                        *place(&mut out, &dst.segments, &idx, dst.segments.len()) = d.clone();
+                    Found::Absent => {
+                        if e.required {
+                            return Err(TranslateError::MissingRequired {
+                                pointer: src.text.clone(),
+                            });
+                        }
+                        // A default needs every `*` bound to know where it goes.
+                        if let (Some(d), true) = (&e.default, idx.len() == src.wildcards()) {
+                            *place(&mut out, &dst.segments, idx, dst.segments.len()) =
+                                Node::from_value(d);
+                        }
+                    }
+                    Found::EmptyArray => {
+                        // Keep `[]` as `[]`: the target's array at the same `*` exists, empty.
+                        let stop = dst
+                            .segments
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| **s == Segment::Each)
+                            .nth(idx.len())
+                            .map_or(dst.segments.len(), |(i, _)| i);
+                        let slot = place(&mut out, &dst.segments, idx, stop);
+                        if slot.is_null() {
+                            *slot = Node::Array(Vec::new());
+                        }
                     }
                 }
-                Found::EmptyArray(idx) => {
-                    // Keep `[]` as `[]`: the target's array at the same `*` exists, empty.
-                    let stop = dst
-                        .segments
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, s)| **s == Segment::Each)
-                        .nth(idx.len())
-                        .map_or(dst.segments.len(), |(i, _)| i);
-                    let slot = place(&mut out, &dst.segments, &idx, stop);
-                    if slot.is_null() {
-                        *slot = Value::Array(Vec::new());
-                    }
-                }
-            }
-        }
+                Ok(())
+            },
+        )?;
     }
-    if out.is_null() && !doc.is_null() {
-        out = Value::Object(Map::new());
+    if out.is_null() && !was_null {
+        out = Node::Object(Object::default());
     }
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests;
+mod tree;
+
+use tree::{Node, Object};

@@ -786,14 +786,19 @@ proptest! {
         let r = route_with(Value::from(entries.clone()), if keep { "keep" } else { "drop" });
         // A v1 document the mapping covers: each v1 pointer holds values (one per element
         // for `*`), plus a field no entry names.
-        let mut v1 = json!({"unnamed": extra});
-        for (i, (a, _, each)) in shape.iter().enumerate() {
-            let p = Pointer::parse(&pointer(format!("k{i}"), a, *each)).unwrap();
+        let pointers: Vec<Pointer> = shape
+            .iter()
+            .enumerate()
+            .map(|(i, (a, _, each))| Pointer::parse(&pointer(format!("k{i}"), a, *each)).unwrap())
+            .collect();
+        let mut doc = Node::from_value(&json!({"unnamed": extra}));
+        for (i, ((_, _, each), p)) in shape.iter().zip(&pointers).enumerate() {
             let n = if *each { values[i].len() } else { 1 };
             for (j, value) in values[i].iter().take(n).enumerate() {
-                *place(&mut v1, &p.segments, &[j], p.segments.len()) = value.clone();
+                *place(&mut doc, &p.segments, &[j], p.segments.len()) = Node::from_value(value);
             }
         }
+        let v1 = doc.into_value();
         let v2 = r.translate_request_value(ApiVersion::V1, &v1).unwrap();
         let back = r.translate_request_value(ApiVersion::V2, &v2).unwrap();
         for (i, entry) in entries.iter().enumerate() {
@@ -820,6 +825,79 @@ proptest! {
         let v2 = r.translate_response_value(ApiVersion::V2, &list).unwrap();
         prop_assert_eq!(r.translate_response_value(ApiVersion::V1, &v2).unwrap(), list);
     }
+}
+
+/// What serde_json itself writes for `text` parsed as a `Value`: the translator's output for
+/// anything it copies (members sorted, the last duplicate key wins, escapes and numbers
+/// written anew).
+fn as_serde_json_writes(text: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::from_str::<Value>(text).unwrap()).unwrap()
+}
+
+#[test]
+fn copied_json_is_written_as_serde_json_writes_it() {
+    let keep_all = route_with(json!([]), "keep");
+    for text in [
+        r#"{"b": 1, "a": [true, null, {"z": "\u00e9\"\n", "y": 2}], "a": {"k": "last wins"}}"#,
+        r#"{"d\u0061": 1, "da": 2, "€": "😀", "": {"x": [1e3, -0, -0.0, 1.50, 18446744073709551615]}}"#,
+        r#"{"n": -9223372036854775808, "f": 1.5e-7, "s": "\ud83d\ude00", "e": [], "o": {}}"#,
+        r#"[{"b": 1, "a": 2, "b": 3}, "x", 1]"#,
+        "3",
+        "null",
+    ] {
+        let out = keep_all
+            .translate_request(ApiVersion::V1, text.as_bytes())
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(as_serde_json_writes(text)).unwrap(),
+            "{text}"
+        );
+    }
+}
+
+proptest! {
+    #[test]
+    fn duplicate_and_unsorted_keys_read_as_serde_json_reads_them(
+        members in prop::collection::vec(("[a-d]{1,2}", leaf()), 0..12),
+    ) {
+        let text = format!(
+            "{{{}}}",
+            members
+                .iter()
+                .map(|(k, v)| format!("{k:?}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let keep_all = route_with(json!([]), "keep");
+        let out = keep_all.translate_request(ApiVersion::V1, text.as_bytes()).unwrap();
+        prop_assert_eq!(out, as_serde_json_writes(&text));
+        // And a mapped member is the last of its duplicates.
+        let r = route_with(json!([{"v1": "/a", "v2": "/x"}]), "drop");
+        let out = r.translate_request(ApiVersion::V1, text.as_bytes()).unwrap();
+        let last = members.iter().rev().find(|(k, _)| k == "a").map(|(_, v)| v.clone());
+        let want = last.map_or(json!({}), |v| json!({"x": v}));
+        prop_assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), want);
+    }
+}
+
+#[test]
+fn a_source_read_twice_is_copied_not_moved() {
+    // Validation keeps sources apart; entries built by hand can still overlap, and a value
+    // moved out for the first would be missing for the second.
+    let mut r = route_with(json!([]), "drop");
+    let entry = |v1: &str, v2: &str| Entry {
+        v1: Some(Pointer::parse(v1).unwrap()),
+        v2: Some(Pointer::parse(v2).unwrap()),
+        default: None,
+        required: false,
+    };
+    r.request = vec![entry("/a/b", "/x"), entry("/a", "/y"), entry("/a/b", "/z")];
+    let out = req(&r, ApiVersion::V1, json!({"a": {"b": [1, 2], "c": 3}})).unwrap();
+    assert_eq!(
+        out,
+        json!({"x": [1, 2], "y": {"b": [1, 2], "c": 3}, "z": [1, 2]})
+    );
 }
 
 #[test]
