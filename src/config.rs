@@ -5,6 +5,8 @@
 use serde::Deserialize;
 use std::fmt;
 
+mod de;
+
 use crate::canary::{Canary, RawCanary};
 use crate::drain::{Drain, RawDrain};
 use crate::idempotency::{Idempotency, RawIdempotency};
@@ -101,10 +103,12 @@ impl Config {
         let raw: RawConfig = if text.trim().is_empty() {
             RawConfig::default()
         } else {
-            let de = &mut serde_json::Deserializer::from_str(text);
-            serde_path_to_error::deserialize(de).map_err(|e| {
-                let path = e.path().to_string();
-                ConfigError::new(path, e.into_inner().to_string())
+            // The JSON syntax first (its errors say the line and column), then the shape.
+            let value: serde_json::Value =
+                serde_json::from_slice(bytes).map_err(|e| ConfigError::new(".", e.to_string()))?;
+            de::from_value(&value).map_err(|e| match e.path.is_empty() {
+                true => ConfigError::new(".", e.message),
+                false => e,
             })?
         };
         Config::try_from(raw)
