@@ -110,7 +110,7 @@ pub struct RawCanary {
     pub response_header: bool,
 }
 
-fn default_route_header() -> String {
+pub(crate) fn default_route_header() -> String {
     "x-canary-variant".to_string()
 }
 
@@ -123,7 +123,7 @@ pub struct RawAnonymousCookie {
     pub max_age_s: u64,
 }
 
-fn default_max_age() -> u64 {
+pub(crate) fn default_max_age() -> u64 {
     30 * 24 * 3600
 }
 

@@ -5,7 +5,7 @@
 use serde::Deserialize;
 use std::fmt;
 
-mod de;
+mod walk;
 
 use crate::canary::{Canary, RawCanary};
 use crate::drain::{Drain, RawDrain};
@@ -98,20 +98,7 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Parses and validates the plugin configuration. Empty input is the same as `{}`.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| ConfigError::new("", format!("expected UTF-8 JSON text: {e}")))?;
-        let raw: RawConfig = if text.trim().is_empty() {
-            RawConfig::default()
-        } else {
-            // The JSON syntax first (its errors say the line and column), then the shape.
-            let value: serde_json::Value =
-                serde_json::from_slice(bytes).map_err(|e| ConfigError::new(".", e.to_string()))?;
-            de::from_value(&value).map_err(|e| match e.path.is_empty() {
-                true => ConfigError::new(".", e.message),
-                false => e,
-            })?
-        };
-        Config::try_from(raw)
+        Config::try_from(RawConfig::parse(bytes)?)
     }
 
     /// The capabilities switched on, for the start-up log line.
@@ -142,6 +129,24 @@ impl Config {
             && self.translate.is_none()
             && self.idempotency.is_none()
             && self.drain.is_none()
+    }
+}
+
+impl RawConfig {
+    /// The shape check alone: JSON text to the configuration as written.
+    pub fn parse(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| ConfigError::new("", format!("expected UTF-8 JSON text: {e}")))?;
+        if text.trim().is_empty() {
+            return Ok(RawConfig::default());
+        }
+        // The JSON syntax first (its errors say the line and column), then the shape.
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::new(".", e.to_string()))?;
+        RawConfig::from_json(&value).map_err(|e| match e.path.is_empty() {
+            true => ConfigError::new(".", e.message),
+            false => e,
+        })
     }
 }
 

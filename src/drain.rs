@@ -40,13 +40,13 @@ pub struct RawDrain {
     pub retry_after_s: u32,
 }
 
-fn default_grace_s() -> u32 {
+pub(crate) fn default_grace_s() -> u32 {
     10
 }
-fn default_jitter_ms() -> u32 {
+pub(crate) fn default_jitter_ms() -> u32 {
     5000
 }
-fn default_retry_after_s() -> u32 {
+pub(crate) fn default_retry_after_s() -> u32 {
     1
 }
 
@@ -60,7 +60,7 @@ pub struct RawAdmin {
     pub token_sha256: Option<String>,
 }
 
-fn default_admin_path() -> String {
+pub(crate) fn default_admin_path() -> String {
     DEFAULT_ADMIN_PATH.to_string()
 }
 
@@ -86,13 +86,13 @@ pub struct RawReadiness {
     pub failure_threshold: u32,
 }
 
-fn default_ready_path() -> String {
+pub(crate) fn default_ready_path() -> String {
     "/ready".to_string()
 }
-fn default_interval_ms() -> u32 {
+pub(crate) fn default_interval_ms() -> u32 {
     1000
 }
-fn default_failure_threshold() -> u32 {
+pub(crate) fn default_failure_threshold() -> u32 {
     2
 }
 
