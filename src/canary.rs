@@ -171,7 +171,11 @@ impl RawCanary {
         if !(0.0..=100.0).contains(&p) || ((p * 100.0).round() - p * 100.0).abs() > 1e-6 {
             return Err(ConfigError::new(
                 "percent",
-                format!("expected a number from 0 to 100 with at most two decimals, got {p}"),
+                format!(
+                    "expected a number from 0 to 100 with at most two decimals, got {}",
+                    // As JSON writes it: no core float formatting in the wasm (issue 7).
+                    serde_json::Number::from_f64(p).map_or(String::new(), |n| n.to_string())
+                ),
             ));
         }
         for (i, s) in self.user_id.iter().enumerate() {

@@ -105,7 +105,7 @@ impl Config {
     pub fn summary(&self) -> String {
         let mut on = Vec::new();
         if let Some(c) = &self.canary {
-            on.push(format!("canary {}%", c.percent));
+            on.push(format!("canary {}%", percent(c.threshold)));
         }
         if let Some(t) = &self.translate {
             on.push(format!("translate {} route(s)", t.routes.len()));
@@ -193,6 +193,17 @@ impl TryFrom<RawConfig> for Config {
     }
 }
 
+/// The canary percent as written (two decimals at most), from its bucket count: `12.5`, `10`,
+/// `0.05`. Formatting the `f64` would bring core's float formatting into the wasm (issue 7).
+fn percent(threshold: u32) -> String {
+    let (whole, hundredths) = (threshold / 100, threshold % 100);
+    match hundredths {
+        0 => whole.to_string(),
+        h if h % 10 == 0 => format!("{whole}.{}", h / 10),
+        h => format!("{whole}.{h:02}"),
+    }
+}
+
 /// Checks a header name as configured: non-empty lowercase token characters, since Envoy
 /// stores header names lowercase.
 pub fn check_header_name(name: &str) -> Result<(), String> {
@@ -276,6 +287,13 @@ mod tests {
         assert!(line.contains("&&\\rTTTTTT"), "{line}");
         let e = ConfigError::new("a\nb", "x\u{7}y");
         assert_eq!(e.to_string(), "invalid configuration at `a\\nb`: x\\u{7}y");
+    }
+
+    #[test]
+    fn percent_reads_as_the_number_written() {
+        for t in 0..=10_000 {
+            assert_eq!(percent(t), format!("{}", f64::from(t) / 100.0));
+        }
     }
 
     #[test]
