@@ -123,9 +123,10 @@ istio-sync: image
 	$(HANDOFFCTL) image --wasm $(WASM) --out $(IMAGE_DIR) --tag $(IMAGE_TAG) \
 	  --manifests istio --render istio
 
-# Manifests against Istio's CRDs (../shared/istio-crds), the config schema, handoffctl.
+# Manifests against Istio's CRDs (../shared/istio-crds), the config schema and parser's error
+# paths, handoffctl.
 istio-test:
-	cargo test --test istio_manifests --test config_schema --test handoffctl
+	cargo test --test istio_manifests --test config_schema --test config_paths --test handoffctl
 
 # Inspects what `make image` wrote (also with skopeo).
 image-test: image apt-tools
