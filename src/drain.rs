@@ -40,13 +40,13 @@ pub struct RawDrain {
     pub retry_after_s: u32,
 }
 
-fn default_grace_s() -> u32 {
+pub(crate) fn default_grace_s() -> u32 {
     10
 }
-fn default_jitter_ms() -> u32 {
+pub(crate) fn default_jitter_ms() -> u32 {
     5000
 }
-fn default_retry_after_s() -> u32 {
+pub(crate) fn default_retry_after_s() -> u32 {
     1
 }
 
@@ -60,7 +60,7 @@ pub struct RawAdmin {
     pub token_sha256: Option<String>,
 }
 
-fn default_admin_path() -> String {
+pub(crate) fn default_admin_path() -> String {
     DEFAULT_ADMIN_PATH.to_string()
 }
 
@@ -86,13 +86,13 @@ pub struct RawReadiness {
     pub failure_threshold: u32,
 }
 
-fn default_ready_path() -> String {
+pub(crate) fn default_ready_path() -> String {
     "/ready".to_string()
 }
-fn default_interval_ms() -> u32 {
+pub(crate) fn default_interval_ms() -> u32 {
     1000
 }
-fn default_failure_threshold() -> u32 {
+pub(crate) fn default_failure_threshold() -> u32 {
     2
 }
 
@@ -663,17 +663,10 @@ pub fn is_admin_path(request_path: &str, admin_path: &str) -> bool {
 /// body is held by the hold filter after handoff (see `x-handoff-hold` in the shipped configs)
 /// until handoff has read it and answered: the admin path still never reaches the app.
 pub fn start_grace(request_path: &str, body: Option<&[u8]>) -> Result<Option<u32>, String> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct StartBody {
-        grace_s: Option<i64>,
-    }
     let from_body = match body.filter(|b| !b.iter().all(u8::is_ascii_whitespace)) {
         None => None,
-        Some(b) => serde_json::from_slice::<StartBody>(b)
-            .map_err(|e| format!("expected a JSON body like {{\"grace_s\": 5}}: {e}"))?
-            .grace_s
-            .map(|g| g.to_string()),
+        Some(b) => grace_in_body(b)
+            .map_err(|e| format!("expected a JSON body like {{\"grace_s\": 5}}: {e}"))?,
     };
     let value = from_body.or_else(|| crate::source::query_value(request_path, "grace_s"));
     match value {
@@ -684,6 +677,23 @@ pub fn start_grace(request_path: &str, body: Option<&[u8]>) -> Result<Option<u32
                 "grace_s must be a whole number of seconds from 0 to {MAX_GRACE_S}, got {v:?}"
             )),
         },
+    }
+}
+
+/// `{"grace_s": N}` (or `{}`) read through a `Value`, not a derived `Deserialize`: a typed
+/// serde_json deserializer would bring core's float formatting into the wasm (issue 7).
+fn grace_in_body(body: &[u8]) -> Result<Option<String>, String> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let Some(fields) = value.as_object() else {
+        return Err(format!("not an object: {value}"));
+    };
+    if let Some(k) = fields.keys().find(|k| *k != "grace_s") {
+        return Err(format!("unknown field `{k}`, expected `grace_s`"));
+    }
+    match fields.get("grace_s") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(g) if g.is_i64() => Ok(Some(g.to_string())),
+        Some(g) => Err(format!("grace_s is not a whole number: {g}")),
     }
 }
 

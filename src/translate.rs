@@ -103,7 +103,7 @@ pub struct RawRoute {
     pub max_body_bytes: u64,
 }
 
-fn default_max_body_bytes() -> u64 {
+pub(crate) fn default_max_body_bytes() -> u64 {
     DEFAULT_MAX_BODY_BYTES
 }
 

@@ -48,28 +48,28 @@ pub struct RawIdempotency {
     pub store_5xx: bool,
 }
 
-fn default_header() -> String {
+pub(crate) fn default_header() -> String {
     "idempotency-key".to_string()
 }
-fn default_aliases() -> Vec<String> {
+pub(crate) fn default_aliases() -> Vec<String> {
     vec!["x-idempotency-key".to_string()]
 }
-fn default_methods() -> Vec<String> {
+pub(crate) fn default_methods() -> Vec<String> {
     vec!["POST".to_string(), "PATCH".to_string()]
 }
-fn default_prefixes() -> Vec<String> {
+pub(crate) fn default_prefixes() -> Vec<String> {
     vec!["/".to_string()]
 }
-fn default_true() -> bool {
+pub(crate) fn default_true() -> bool {
     true
 }
-fn default_max_key_length() -> usize {
+pub(crate) fn default_max_key_length() -> usize {
     255
 }
-fn default_ttl() -> u64 {
+pub(crate) fn default_ttl() -> u64 {
     86_400
 }
-fn default_lock_timeout() -> u64 {
+pub(crate) fn default_lock_timeout() -> u64 {
     30
 }
 fn default_max_entries() -> u32 {
