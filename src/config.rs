@@ -5,6 +5,7 @@
 use serde::Deserialize;
 use std::fmt;
 
+mod strict;
 mod walk;
 
 use crate::canary::{Canary, RawCanary};
@@ -141,8 +142,7 @@ impl RawConfig {
             return Ok(RawConfig::default());
         }
         // The JSON syntax first (its errors say the line and column), then the shape.
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| ConfigError::new(".", e.to_string()))?;
+        let value = strict::parse(bytes)?;
         RawConfig::from_json(&value).map_err(|e| match e.path.is_empty() {
             true => ConfigError::new(".", e.message),
             false => e,
