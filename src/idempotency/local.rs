@@ -112,11 +112,12 @@ impl LocalStore {
         let mut taken = None;
         for _ in 0..GUARD_ATTEMPTS {
             match slots.get_guard() {
-                (Some(v), Some(cas)) if guard_free(&v, now_ms) => {
-                    if slots.set_guard(&guard_value(owner, now_ms), Some(cas)) {
-                        taken = slots.get_guard().1;
-                        break;
-                    }
+                (Some(v), Some(cas))
+                    if guard_free(&v, now_ms)
+                        && slots.set_guard(&guard_value(owner, now_ms), Some(cas)) =>
+                {
+                    taken = slots.get_guard().1;
+                    break;
                 }
                 // No guard (configure did not run): never write a missing slot unguarded.
                 (None, _) | (_, None) => return false,
