@@ -43,7 +43,10 @@ pub trait Slots {
     fn set_guard(&self, value: &[u8], cas: Option<u32>) -> bool;
 }
 
-/// The guard's value: free (empty) or held by `owner` since `at_ms`.
+/// The free guard. Never empty: the host reads an empty shared-data value as missing.
+const GUARD_FREE: [u8; 16] = [0; 16];
+
+/// The guard's value: held by `owner` (never 0) since `at_ms`.
 fn guard_value(owner: u64, at_ms: u64) -> [u8; 16] {
     let mut v = [0u8; 16];
     v[..8].copy_from_slice(&owner.to_be_bytes());
@@ -52,7 +55,7 @@ fn guard_value(owner: u64, at_ms: u64) -> [u8; 16] {
 }
 
 fn guard_free(value: &[u8], now_ms: u64) -> bool {
-    if value.len() != 16 {
+    if value.len() != 16 || value == GUARD_FREE {
         return true;
     }
     let at = u64::from_be_bytes(value[8..].try_into().unwrap_or([0; 8]));
@@ -103,7 +106,7 @@ impl LocalStore {
         if slots.get_guard().0.is_some() {
             return false;
         }
-        slots.set_guard(&[], None)
+        slots.set_guard(&GUARD_FREE, None)
     }
 
     /// Creates the missing slots of a key's bucket as free, under the guard. `false` when the
@@ -114,7 +117,7 @@ impl LocalStore {
             match slots.get_guard() {
                 (Some(v), Some(cas))
                     if guard_free(&v, now_ms)
-                        && slots.set_guard(&guard_value(owner, now_ms), Some(cas)) =>
+                        && slots.set_guard(&guard_value(owner.max(1), now_ms), Some(cas)) =>
                 {
                     taken = slots.get_guard().1;
                     break;
@@ -136,7 +139,7 @@ impl LocalStore {
             }
         }
         // Released only if still ours (an expired guard may have been taken over meanwhile).
-        slots.set_guard(&[], Some(cas));
+        slots.set_guard(&GUARD_FREE, Some(cas));
         true
     }
 
@@ -358,6 +361,8 @@ pub mod fake {
     impl Slots for FakeSlots {
         fn get_meta(&self, slot: u32) -> (Option<Vec<u8>>, Option<u32>) {
             match self.meta.borrow().get(&slot) {
+                // As the host: an empty value reads as missing.
+                Some((v, c)) if v.is_empty() => (None, Some(*c)),
                 Some((v, c)) => (Some(v.clone()), Some(*c)),
                 None => (None, None),
             }
@@ -380,6 +385,7 @@ pub mod fake {
         }
         fn get_guard(&self) -> (Option<Vec<u8>>, Option<u32>) {
             match &*self.guard.borrow() {
+                Some((v, c)) if v.is_empty() => (None, Some(*c)),
                 Some((v, c)) => (Some(v.clone()), Some(*c)),
                 None => (None, None),
             }
@@ -637,7 +643,7 @@ mod tests {
         assert_eq!(slots.meta.borrow().len(), BUCKET as usize);
         assert!(s.bucket(&k).any(|slot| slot == lock.slot));
         // The guard was released.
-        assert_eq!(slots.get_guard().0.as_deref(), Some(&[][..]));
+        assert_eq!(slots.get_guard().0.as_deref(), Some(&GUARD_FREE[..]));
         // A second key in the same bucket creates nothing more.
         lock_of(s.begin(&slots, k, [3; 32], 2, 1000 + TIMEOUT, TIMEOUT));
         assert_eq!(slots.meta.borrow().len(), BUCKET as usize);
