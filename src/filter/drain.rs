@@ -467,7 +467,7 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Option<Action
     let config = http.config.clone();
     let d = config.drain.as_ref()?;
     if let Some(admin) = &d.admin {
-        let path = request_header(":path").unwrap_or_default();
+        let path = http.head.path().unwrap_or_default().to_string();
         if is_admin_path(&path, &admin.path) {
             return Some(admin_request(http, d, &path, end_of_stream));
         }
@@ -522,7 +522,7 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
         ));
         return Action::Pause;
     }
-    let method = request_header(":method").unwrap_or_default();
+    let method = http.head.method().unwrap_or_default().to_string();
     match admin_action(&method) {
         AdminAction::Report => http.send_reply(status_reply(d)),
         AdminAction::Cancel => {

@@ -178,13 +178,8 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
         return Action::Continue;
     };
     // Bytes, read lossily: the SDK's string getter panics on a non-UTF-8 value.
-    let text = |name: &str| {
-        http.get_http_request_header_bytes(name)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    };
-    let method = text(":method");
-    let path = text(":path");
+    let method = http.head.method_lossy();
+    let path = http.head.path_lossy();
     let read = |name: &str| http.get_http_request_header_bytes(name);
     match idem.check(&method, &path, &read, &HostRequest) {
         KeyCheck::NotCovered | KeyCheck::Optional => Action::Continue,

@@ -96,6 +96,7 @@ impl RootContext for Root {
             idempotency: None,
             replied: false,
             drain: self.drain.http(),
+            head: host::Head::default(),
         }))
     }
 
@@ -118,6 +119,8 @@ pub(crate) struct Http {
     drain: drain::HttpDrain,
     /// A stage answered the request itself: later stages must not run.
     replied: bool,
+    /// `:method` and `:path`, read once for every stage.
+    head: host::Head,
 }
 
 impl Http {
@@ -163,7 +166,7 @@ impl HttpContext for Http {
         let holds = self.config.translate.is_some() || self.config.idempotency.is_some();
         if holds {
             // Only the filter decides which requests are held.
-            self.set_http_request_header(HOLD_HEADER, None);
+            host::scrub_request_header(HOLD_HEADER);
         }
         let action = translate::on_request_headers(self, end_of_stream);
         if self.replied {
