@@ -27,7 +27,7 @@ use crate::problem::Reply;
 const STATE_KEY: &str = "handoff.drain.state";
 /// The registry of workers publishing an in-flight record (`crate::drain::register_worker`).
 const WORKERS_KEY: &str = "handoff.drain.workers";
-/// Prefix of each worker's in-flight record (the worker id in hex follows).
+/// Prefix of each worker's in-flight record (the worker id follows).
 const INFLIGHT_PREFIX: &str = "handoff.drain.inflight.";
 const LEASE_KEY: &str = "handoff.drain.poller";
 const CAS_RETRIES: usize = 64;
@@ -78,7 +78,7 @@ fn transition(f: &dyn Fn(&DrainState) -> Option<DrainState>) -> (DrainState, boo
 }
 
 fn inflight_key(worker: u64) -> String {
-    format!("{INFLIGHT_PREFIX}{worker:016x}")
+    format!("{INFLIGHT_PREFIX}{worker}")
 }
 
 fn read_worker(worker: u64) -> Option<WorkerInflight> {

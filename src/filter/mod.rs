@@ -163,21 +163,21 @@ impl HttpContext for Http {
         if self.config.canary.is_some() {
             canary::on_request_headers(self);
         }
-        let holds = self.config.translate.is_some() || self.config.idempotency.is_some();
-        if holds {
-            // Only the filter decides which requests are held.
-            host::scrub_request_header(HOLD_HEADER);
-        }
         let action = translate::on_request_headers(self, end_of_stream);
         if self.replied {
             return action;
         }
         let action = idempotency::on_request_headers(self, end_of_stream);
-        if holds
-            && !self.replied
-            && (translate::holds_request_body(self) || idempotency::holds_request_body(self))
-        {
-            self.set_http_request_header(HOLD_HEADER, Some("1"));
+        // Only the filter decides which requests are held: a held request's mark replaces
+        // whatever the client sent, any other request's is removed. (A request answered here
+        // never reaches the hold filter.)
+        let holds = self.config.translate.is_some() || self.config.idempotency.is_some();
+        if holds && !self.replied {
+            if translate::holds_request_body(self) || idempotency::holds_request_body(self) {
+                self.set_http_request_header(HOLD_HEADER, Some("1"));
+            } else {
+                host::scrub_request_header(HOLD_HEADER);
+            }
         }
         action
     }
