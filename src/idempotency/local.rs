@@ -5,8 +5,9 @@
 //! place, never added beyond `max_entries`: memory is at most `max_entries` × (90-byte meta +
 //! one stored response of at most `max_response_bytes`), whatever the number of distinct keys.
 //!
-//! Slots are created on demand, a bucket at a time, the first time a key hashes to them (so
-//! starting the filter writes nothing but one guard entry, and an idle table costs nothing).
+//! Slots are created on demand, one at a time, when a key's bucket has no reusable slot left but
+//! a slot never written (so starting the filter writes nothing but one guard entry, and an idle
+//! table costs nothing).
 //! A CAS on a missing shared-data entry always succeeds, so two workers must never write a
 //! missing slot at the same time: creation happens only under the guard (a lock record taken
 //! with a CAS on an entry that exists from `on_configure`), and re-checks each slot under it.
@@ -109,9 +110,9 @@ impl LocalStore {
         slots.set_guard(&GUARD_FREE, None)
     }
 
-    /// Creates the missing slots of a key's bucket as free, under the guard. `false` when the
-    /// guard could not be taken (another worker holds it): nothing was written.
-    fn create_bucket(&self, slots: &dyn Slots, key: &[u8; 32], owner: u64, now_ms: u64) -> bool {
+    /// Creates a slot never written as free, under the guard. `false` when the guard could not
+    /// be taken (another worker holds it): nothing was written.
+    fn create_slot(&self, slots: &dyn Slots, slot: u32, owner: u64, now_ms: u64) -> bool {
         let mut taken = None;
         for _ in 0..GUARD_ATTEMPTS {
             match slots.get_guard() {
@@ -130,13 +131,10 @@ impl LocalStore {
         let Some(cas) = taken else {
             return false;
         };
-        let free = Meta::free().encode();
-        for slot in self.bucket(key) {
-            // Re-checked under the guard: another worker may have created (and locked) it
-            // since our lookup.
-            if slots.get_meta(slot).0.is_none() {
-                slots.set_meta(slot, &free, None);
-            }
+        // Re-checked under the guard: another worker may have created (and locked) it since
+        // our lookup.
+        if slots.get_meta(slot).0.is_none() {
+            slots.set_meta(slot, &Meta::free().encode(), None);
         }
         // Released only if still ours (an expired guard may have been taken over meanwhile).
         slots.set_guard(&GUARD_FREE, Some(cas));
@@ -155,15 +153,14 @@ impl LocalStore {
     ) -> Begin {
         let lock = lock_record(key, fingerprint, owner, now_ms, lock_timeout_ms);
         let encoded = lock.encode();
-        let mut created = false;
         for _ in 0..ATTEMPTS {
             let mut found = None;
             let mut reusable = None;
-            let mut missing = false;
+            let mut missing = None;
             for slot in self.bucket(&key) {
                 let (value, cas) = slots.get_meta(slot);
                 if value.is_none() {
-                    missing = true;
+                    missing = missing.or(Some(slot));
                     continue;
                 }
                 let meta = value.as_deref().and_then(Meta::decode);
@@ -186,13 +183,12 @@ impl LocalStore {
                     }
                 }
             }
-            if missing && found.is_none() {
-                // The bucket's first use: create it, then look again. A record of the key may
-                // sit in a slot created meanwhile, so the lookup is redone in full.
-                if created || !self.create_bucket(slots, &key, owner, now_ms) {
+            if let (None, None, Some(slot)) = (&found, &reusable, missing) {
+                // No slot to reuse yet: create one, then look again (a record of the key may
+                // sit in a slot another worker created meanwhile).
+                if !self.create_slot(slots, slot, owner, now_ms) {
                     return Begin::Contended;
                 }
-                created = true;
                 continue;
             }
             if let Some((slot, meta, cas)) = found {
@@ -636,17 +632,27 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_created_a_bucket_at_a_time_on_first_use() {
+    fn slots_are_created_one_at_a_time_when_none_is_reusable() {
         let (s, slots) = store(10_000);
         let k = key(11);
         let lock = lock_of(s.begin(&slots, k, FP, 1, 1000, TIMEOUT));
-        assert_eq!(slots.meta.borrow().len(), BUCKET as usize);
-        assert!(s.bucket(&k).any(|slot| slot == lock.slot));
+        assert_eq!(slots.meta.borrow().len(), 1);
+        assert_eq!(s.bucket(&k).next(), Some(lock.slot));
         // The guard was released.
         assert_eq!(slots.get_guard().0.as_deref(), Some(&GUARD_FREE[..]));
-        // A second key in the same bucket creates nothing more.
-        lock_of(s.begin(&slots, k, [3; 32], 2, 1000 + TIMEOUT, TIMEOUT));
-        assert_eq!(slots.meta.borrow().len(), BUCKET as usize);
+        // A live key in the bucket: the next key gets a new slot.
+        let mut other = key(11);
+        other[31] = 1;
+        let second = lock_of(s.begin(&slots, other, FP, 2, 1000, TIMEOUT));
+        assert_eq!(s.bucket(&k).nth(1), Some(second.slot));
+        // A released slot is reused before another is created.
+        assert!(s.release(&slots, &second));
+        other[31] = 2;
+        assert_eq!(
+            lock_of(s.begin(&slots, other, FP, 3, 1000, TIMEOUT)).slot,
+            second.slot
+        );
+        assert_eq!(slots.meta.borrow().len(), 2);
     }
 
     #[test]
