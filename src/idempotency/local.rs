@@ -184,12 +184,17 @@ impl LocalStore {
                 }
             }
             if let (None, None, Some(slot)) = (&found, &reusable, missing) {
-                // No slot to reuse yet: create one, then look again (a record of the key may
-                // sit in a slot another worker created meanwhile).
+                // No slot to reuse yet: create one and take it while it is free. A record of
+                // the key that another worker wrote meanwhile into another new slot is found
+                // after locking (below), as for any two racing lookups.
                 if !self.create_slot(slots, slot, owner, now_ms) {
                     return Begin::Contended;
                 }
-                continue;
+                let (value, cas) = slots.get_meta(slot);
+                match value.as_deref().and_then(Meta::decode) {
+                    Some(m) if m.state == State::Free => reusable = Some((slot, cas, true)),
+                    _ => continue,
+                }
             }
             if let Some((slot, meta, cas)) = found {
                 match decide(Some(&meta), &fingerprint, now_ms) {
