@@ -467,6 +467,74 @@ impl DrainState {
     }
 }
 
+/// One worker's share of the in-flight count, in shared data under a key of its own: only that
+/// worker writes it, so a request start or end is one unconditional write (no read, no CAS
+/// loop). `heartbeat_ms` is refreshed on every tick; a record whose worker stopped ticking
+/// (its VM is gone) stops counting after [`WorkerInflight::stale_after_ms`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WorkerInflight {
+    pub count: u64,
+    pub heartbeat_ms: u64,
+}
+
+pub const WORKER_INFLIGHT_LEN: usize = 16;
+
+impl WorkerInflight {
+    pub fn encode(&self) -> [u8; WORKER_INFLIGHT_LEN] {
+        let mut out = [0u8; WORKER_INFLIGHT_LEN];
+        out[..8].copy_from_slice(&self.count.to_be_bytes());
+        out[8..].copy_from_slice(&self.heartbeat_ms.to_be_bytes());
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Option<WorkerInflight> {
+        if b.len() != WORKER_INFLIGHT_LEN {
+            return None;
+        }
+        Some(WorkerInflight {
+            count: u64::from_be_bytes(b[..8].try_into().ok()?),
+            heartbeat_ms: u64::from_be_bytes(b[8..].try_into().ok()?),
+        })
+    }
+
+    /// How long a record counts without a heartbeat: three ticks and 10 s of slack (a busy
+    /// worker's tick may be late).
+    pub fn stale_after_ms(tick_ms: u32) -> u64 {
+        3 * u64::from(tick_ms) + 10_000
+    }
+
+    pub fn live(&self, now_ms: u64, tick_ms: u32) -> bool {
+        now_ms.saturating_sub(self.heartbeat_ms) < Self::stale_after_ms(tick_ms)
+    }
+}
+
+/// The ids of the workers that publish an in-flight record (shared data, CAS-appended when a
+/// worker is configured). At most [`MAX_WORKERS`]: registering drops stale workers first.
+pub const MAX_WORKERS: usize = 512;
+
+pub fn decode_workers(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .filter_map(|c| c.try_into().ok().map(u64::from_be_bytes))
+        .collect()
+}
+
+pub fn encode_workers(ids: &[u64]) -> Vec<u8> {
+    ids.iter().flat_map(|id| id.to_be_bytes()).collect()
+}
+
+/// The registry with `me` in it, keeping only workers `live` says are still there (and at most
+/// [`MAX_WORKERS`], newest last). `None` when `me` is already registered.
+pub fn register_worker(ids: &[u64], me: u64, live: &dyn Fn(u64) -> bool) -> Option<Vec<u64>> {
+    if ids.contains(&me) {
+        return None;
+    }
+    let mut next: Vec<u64> = ids.iter().copied().filter(|id| live(*id)).collect();
+    next.push(me);
+    let excess = next.len().saturating_sub(MAX_WORKERS);
+    next.drain(..excess);
+    Some(next)
+}
+
 /// The readiness poller's shared record: which worker polls (a lease, so only one polls at a
 /// time) and the consecutive failures seen so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -802,6 +870,32 @@ impl SseScanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_inflight_round_trips_and_goes_stale_without_ticks() {
+        let w = WorkerInflight {
+            count: 3,
+            heartbeat_ms: 10_000,
+        };
+        assert_eq!(WorkerInflight::decode(&w.encode()), Some(w));
+        assert_eq!(WorkerInflight::decode(&[1, 2, 3]), None);
+        assert!(w.live(10_000 + 12_999, 1000));
+        assert!(!w.live(10_000 + 13_000, 1000));
+        // Slow ticks (readiness every 60 s) stay live across a late tick.
+        assert!(w.live(10_000 + 180_000, 60_000));
+    }
+
+    #[test]
+    fn registering_a_worker_drops_gone_ones_and_stays_bounded() {
+        assert_eq!(decode_workers(&encode_workers(&[1, 2, 3])), vec![1, 2, 3]);
+        assert_eq!(register_worker(&[1, 2], 2, &|_| true), None);
+        assert_eq!(register_worker(&[1, 2], 3, &|id| id != 1), Some(vec![2, 3]));
+        let many: Vec<u64> = (1..=MAX_WORKERS as u64).collect();
+        let next = register_worker(&many, 9999, &|_| true).unwrap();
+        assert_eq!(next.len(), MAX_WORKERS);
+        assert_eq!((next[0], *next.last().unwrap()), (2, 9999));
+    }
+
     use proptest::prelude::*;
 
     fn parse(json: &str) -> Result<Drain, ConfigError> {

@@ -19,13 +19,16 @@ use super::{Http, Root};
 use crate::drain::{
     admin_action, authorize, hint_ms, is_admin_path, is_loopback_request, is_ready,
     reconnect_event, start_grace, status_json, AdminAction, AdminAuth, CancelBy, Drain,
-    DrainSource, DrainState, Phase, PollLease, ReadinessVerdict, SseScanner, DRAINED_ANCHOR,
-    FORBIDDEN_ANCHOR, HINT_HEADER,
+    DrainSource, DrainState, Phase, PollLease, ReadinessVerdict, SseScanner, WorkerInflight,
+    DRAINED_ANCHOR, FORBIDDEN_ANCHOR, HINT_HEADER,
 };
 use crate::problem::Reply;
 
 const STATE_KEY: &str = "handoff.drain.state";
-const INFLIGHT_KEY: &str = "handoff.drain.inflight";
+/// The registry of workers publishing an in-flight record (`crate::drain::register_worker`).
+const WORKERS_KEY: &str = "handoff.drain.workers";
+/// Prefix of each worker's in-flight record (the worker id follows).
+const INFLIGHT_PREFIX: &str = "handoff.drain.inflight.";
 const LEASE_KEY: &str = "handoff.drain.poller";
 const CAS_RETRIES: usize = 64;
 const ENVOY_ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -74,29 +77,58 @@ fn transition(f: &dyn Fn(&DrainState) -> Option<DrainState>) -> (DrainState, boo
     (current, false)
 }
 
-fn read_inflight() -> u64 {
-    match hostcalls::get_shared_data(INFLIGHT_KEY) {
-        Ok((Some(b), _)) if b.len() == 8 => u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])),
-        _ => 0,
+fn inflight_key(worker: u64) -> String {
+    format!("{INFLIGHT_PREFIX}{worker}")
+}
+
+fn read_worker(worker: u64) -> Option<WorkerInflight> {
+    match hostcalls::get_shared_data(&inflight_key(worker)) {
+        Ok((Some(b), _)) => WorkerInflight::decode(&b),
+        _ => None,
     }
 }
 
-/// Adds `delta` to the process-wide in-flight count (CAS loop); returns the new value.
-fn add_inflight(delta: i64) -> u64 {
+fn read_workers() -> (Vec<u64>, Option<u32>) {
+    match hostcalls::get_shared_data(WORKERS_KEY) {
+        Ok((Some(b), cas)) => (crate::drain::decode_workers(&b), cas),
+        Ok((None, cas)) => (Vec::new(), cas),
+        Err(_) => (Vec::new(), None),
+    }
+}
+
+/// Requests in flight in this Envoy: the sum of the live workers' records. Each worker writes
+/// its record at every request start and end, so the sum is exact for live workers.
+fn read_inflight(tick_ms: u32) -> u64 {
+    let now = now_ms();
+    read_workers()
+        .0
+        .into_iter()
+        .filter_map(read_worker)
+        .filter(|w| w.live(now, tick_ms))
+        .map(|w| w.count)
+        .sum()
+}
+
+/// Adds this worker to the registry (dropping workers whose record went stale).
+fn register_worker(me: u64, tick_ms: u32) {
+    let now = now_ms();
+    let live = |id: u64| read_worker(id).is_some_and(|w| w.live(now, tick_ms));
     for _ in 0..CAS_RETRIES {
-        let (bytes, cas) = hostcalls::get_shared_data(INFLIGHT_KEY).unwrap_or((None, None));
-        let cur = bytes.filter(|b| b.len() == 8).map_or(0, |b| {
-            u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8]))
-        });
-        let next = cur.saturating_add_signed(delta);
-        match hostcalls::set_shared_data(INFLIGHT_KEY, Some(&next.to_le_bytes()), cas) {
-            Ok(()) => return next,
+        let (ids, cas) = read_workers();
+        let Some(next) = crate::drain::register_worker(&ids, me, &live) else {
+            return;
+        };
+        match hostcalls::set_shared_data(
+            WORKERS_KEY,
+            Some(&crate::drain::encode_workers(&next)),
+            cas,
+        ) {
+            Ok(()) => return,
             Err(Status::CasMismatch) => continue,
             Err(_) => break,
         }
     }
-    warn!("handoff: in-flight count not updated (contention)");
-    read_inflight()
+    warn!("handoff: drain worker registry not updated (contention)");
 }
 
 /// Creates a shared record unless a worker (or an earlier configuration) already did.
@@ -164,13 +196,28 @@ fn announce(metrics: &Metrics, state: &DrainState, started: Option<DrainSource>)
     }
 }
 
-/// The worker's cached copy of the shared state, shared by its root and HTTP contexts.
-#[derive(Default)]
+/// The worker's cached copy of the shared state, shared by its root and HTTP contexts, and
+/// its own in-flight count.
 pub struct Cache {
     state: Cell<Option<DrainState>>,
+    inflight: Cell<WorkerInflight>,
+    /// This worker's in-flight record in shared data.
+    inflight_key: String,
 }
 
 impl Cache {
+    /// Publishes this worker's in-flight record (one write; only this worker writes it).
+    fn publish(&self, w: WorkerInflight) {
+        self.inflight.set(w);
+        let _ = hostcalls::set_shared_data(&self.inflight_key, Some(&w.encode()), None);
+    }
+
+    fn add_inflight(&self, delta: i64) {
+        let mut w = self.inflight.get();
+        w.count = w.count.saturating_add_signed(delta);
+        self.publish(w);
+    }
+
     fn get(&self) -> DrainState {
         self.state.get().unwrap_or(DrainState::serving(0))
     }
@@ -194,9 +241,14 @@ impl RootDrain {
         let b = random_bytes();
         let mut id = [0u8; 8];
         id.copy_from_slice(&b[..8]);
+        let worker_id = u64::from_le_bytes(id).max(1);
         RootDrain {
-            cache: Rc::new(Cache::default()),
-            worker_id: u64::from_le_bytes(id).max(1),
+            cache: Rc::new(Cache {
+                state: Cell::new(None),
+                inflight: Cell::new(WorkerInflight::default()),
+                inflight_key: inflight_key(worker_id),
+            }),
+            worker_id,
             poll: None,
             admin_calls: Vec::new(),
         }
@@ -221,10 +273,15 @@ pub fn configure(root: &mut Root) {
         return;
     };
     init_key(STATE_KEY, &DrainState::serving(now_ms()).encode());
-    init_key(INFLIGHT_KEY, &0u64.to_le_bytes());
     init_key(LEASE_KEY, &PollLease::default().encode());
     let (state, _) = read_state();
     root.drain.cache.set(state);
+    let cache = &root.drain.cache;
+    cache.publish(WorkerInflight {
+        heartbeat_ms: now_ms(),
+        ..cache.inflight.get()
+    });
+    register_worker(root.drain.worker_id, d.tick_ms());
     let _ = hostcalls::set_tick_period(Duration::from_millis(u64::from(d.tick_ms())));
 }
 
@@ -235,9 +292,15 @@ pub fn on_tick(root: &mut Root) {
     };
     let now = now_ms();
     let (state, _) = read_state();
-    root.drain.cache.set(state);
+    let cache = &root.drain.cache;
+    cache.set(state);
+    cache.publish(WorkerInflight {
+        heartbeat_ms: now,
+        ..cache.inflight.get()
+    });
     root.metrics.drain_state(state.phase(now));
-    root.metrics.drain_inflight(read_inflight());
+    // Published here, not per request: the gauge lags by at most one tick.
+    root.metrics.drain_inflight(read_inflight(d.tick_ms()));
     let Some(r) = &d.readiness else {
         return;
     };
@@ -382,9 +445,13 @@ pub struct HttpDrain {
     admin_body: Option<String>,
 }
 
-fn status_reply() -> Reply {
+fn status_reply(d: &Drain) -> Reply {
     let (state, _) = read_state();
-    let body = status_json(state.phase(now_ms()), state.since_ms, read_inflight());
+    let body = status_json(
+        state.phase(now_ms()),
+        state.since_ms,
+        read_inflight(d.tick_ms()),
+    );
     Reply {
         status: 200,
         headers: vec![
@@ -400,13 +467,14 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Option<Action
     let config = http.config.clone();
     let d = config.drain.as_ref()?;
     if let Some(admin) = &d.admin {
-        let path = request_header(":path").unwrap_or_default();
+        let path = http.head.path().unwrap_or_default().to_string();
         if is_admin_path(&path, &admin.path) {
             return Some(admin_request(http, d, &path, end_of_stream));
         }
     }
-    let now = now_ms();
-    if http.drain.cache.get().phase(now) == Phase::Drained {
+    // Serving (the usual case) needs no clock.
+    let cached = http.drain.cache.get();
+    if cached.source.is_some() && cached.phase(now_ms()) == Phase::Drained {
         http.metrics.drain_rejected();
         let reply = Reply::problem(
             503,
@@ -419,7 +487,7 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Option<Action
         http.send_reply(reply);
         return Some(Action::Pause);
     }
-    http.metrics.drain_inflight(add_inflight(1));
+    http.drain.cache.add_inflight(1);
     http.drain.counted = true;
     None
 }
@@ -454,9 +522,9 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
         ));
         return Action::Pause;
     }
-    let method = request_header(":method").unwrap_or_default();
+    let method = http.head.method().unwrap_or_default().to_string();
     match admin_action(&method) {
-        AdminAction::Report => http.send_reply(status_reply()),
+        AdminAction::Report => http.send_reply(status_reply(d)),
         AdminAction::Cancel => {
             let (state, changed) = transition(&|s| s.cancel(CancelBy::Admin, now_ms()));
             http.drain.cache.set(state);
@@ -467,7 +535,7 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
                     return Action::Pause;
                 }
             }
-            http.send_reply(status_reply());
+            http.send_reply(status_reply(d));
         }
         AdminAction::Start => {
             let has_body =
@@ -533,7 +601,7 @@ fn start_by_admin(http: &mut Http, d: &Drain, grace_s: Option<u32>) -> Action {
             return Action::Pause;
         }
     }
-    http.send_reply(status_reply());
+    http.send_reply(status_reply(d));
     Action::Pause
 }
 
@@ -545,11 +613,11 @@ pub fn on_response_headers(http: &mut Http) -> Action {
     let Some(d) = config.drain.as_ref() else {
         return Action::Continue;
     };
-    let now = now_ms();
     let mut state = http.drain.cache.get();
     let mut action = Action::Continue;
     if let Some(h) = &d.upstream_signal {
         if state.source.is_none() && header_present(MapType::HttpResponseHeaders, h) {
+            let now = now_ms();
             let (s, changed) =
                 transition(&|s| s.start(DrainSource::UpstreamSignal, now, d.grace_s));
             http.drain.cache.set(s);
@@ -565,7 +633,8 @@ pub fn on_response_headers(http: &mut Http) -> Action {
             }
         }
     }
-    if state.phase(now) != Phase::Serving {
+    // Any drain phase but serving (no clock needed to tell).
+    if state.source.is_some() {
         let n = hint_ms(d.reconnect_jitter_ms, random_u32());
         http.set_http_response_header(HINT_HEADER, Some(&n.to_string()));
         http.metrics.drain_hinted();
@@ -599,7 +668,7 @@ pub fn on_response_body(http: &mut Http, body_size: usize) {
     let chunk = http
         .get_http_response_body(0, body_size)
         .unwrap_or_default();
-    let draining = http.drain.cache.get().phase(now_ms()) != Phase::Serving;
+    let draining = http.drain.cache.get().source.is_some();
     let Some(sse) = http.drain.sse.as_mut() else {
         return;
     };
@@ -624,7 +693,12 @@ pub fn on_http_call_response(http: &mut Http, token: u32) {
     }
     log_envoy_admin_answer();
     match resume {
-        Resume::AdminReply => http.send_reply(status_reply()),
+        Resume::AdminReply => {
+            let config = http.config.clone();
+            if let Some(d) = config.drain.as_ref() {
+                http.send_reply(status_reply(d));
+            }
+        }
         Resume::Response => http.resume_http_response(),
     }
 }
@@ -632,6 +706,6 @@ pub fn on_http_call_response(http: &mut Http, token: u32) {
 /// The end of a stream (`on_log` or `on_done`, whichever comes first).
 pub fn on_end(http: &mut Http) {
     if std::mem::take(&mut http.drain.counted) {
-        http.metrics.drain_inflight(add_inflight(-1));
+        http.drain.cache.add_inflight(-1);
     }
 }

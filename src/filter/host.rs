@@ -2,6 +2,7 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MapType;
+use std::cell::OnceCell;
 
 use crate::source::RequestView;
 
@@ -67,6 +68,64 @@ pub fn header_present(map: MapType, name: &str) -> bool {
 fn header_of(map: MapType, name: &str) -> Option<String> {
     let bytes = hostcalls::get_map_value_bytes(map, name).ok().flatten()?;
     String::from_utf8(bytes).ok()
+}
+
+/// Removes a request header a client must not send (handoff's own marks), checking first: a
+/// check is a lookup, a removal also mutates the map and makes Envoy recompute the route.
+pub fn scrub_request_header(name: &str) {
+    if header_present(MapType::HttpRequestHeaders, name) {
+        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+    }
+}
+
+/// `:method` and `:path`, each read from the host at most once per request (every stage asks
+/// for them) and kept as bytes: each stage decides how to treat a value that is not UTF-8.
+#[derive(Default)]
+pub struct Head {
+    method: OnceCell<Option<Vec<u8>>>,
+    path: OnceCell<Option<Vec<u8>>>,
+}
+
+fn read_bytes(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}
+
+impl Head {
+    fn path_bytes(&self) -> Option<&[u8]> {
+        self.path.get_or_init(|| read_bytes(":path")).as_deref()
+    }
+
+    fn method_bytes(&self) -> Option<&[u8]> {
+        self.method.get_or_init(|| read_bytes(":method")).as_deref()
+    }
+
+    /// `:path`; absent when missing or not UTF-8 (as [`request_header`]).
+    pub fn path(&self) -> Option<&str> {
+        self.path_bytes().and_then(|b| std::str::from_utf8(b).ok())
+    }
+
+    /// `:method`; absent when missing or not UTF-8 (as [`request_header`]).
+    pub fn method(&self) -> Option<&str> {
+        self.method_bytes()
+            .and_then(|b| std::str::from_utf8(b).ok())
+    }
+
+    /// `:path`, undecodable bytes replaced (empty when missing).
+    pub fn path_lossy(&self) -> String {
+        String::from_utf8_lossy(self.path_bytes().unwrap_or_default()).into_owned()
+    }
+
+    /// `:method`, undecodable bytes replaced (empty when missing).
+    pub fn method_lossy(&self) -> String {
+        String::from_utf8_lossy(self.method_bytes().unwrap_or_default()).into_owned()
+    }
+
+    /// Records a `:path` this filter wrote, so later stages see the request as forwarded.
+    pub fn set_path(&mut self, path: &str) {
+        self.path = OnceCell::from(Some(path.as_bytes().to_vec()));
+    }
 }
 
 /// 16 random bytes from the host (WASI `random_get`).

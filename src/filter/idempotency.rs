@@ -143,6 +143,12 @@ impl Slots for HostSlots {
     fn set_response(&self, slot: u32, value: &[u8]) {
         let _ = hostcalls::set_shared_data(&format!("{}r{slot}", self.prefix), Some(value), None);
     }
+    fn get_guard(&self) -> (Option<Vec<u8>>, Option<u32>) {
+        hostcalls::get_shared_data(&format!("{}guard", self.prefix)).unwrap_or((None, None))
+    }
+    fn set_guard(&self, value: &[u8], cas: Option<u32>) -> bool {
+        hostcalls::set_shared_data(&format!("{}guard", self.prefix), Some(value), cas).is_ok()
+    }
 }
 
 fn now_ms() -> u64 {
@@ -153,7 +159,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Creates the local store's slots (once per table; later calls find them and write nothing).
+/// Creates the local store's creation guard (once per table); slots are created on first use.
 pub fn on_configure(config: &Config) {
     if let Some(Idempotency {
         store: Store::Local { max_entries, .. },
@@ -163,9 +169,10 @@ pub fn on_configure(config: &Config) {
         let store = LocalStore {
             max_entries: *max_entries,
         };
-        let created = store.initialize(&HostSlots::new(*max_entries));
-        if created > 0 {
-            log::info!("handoff: idempotency local store: {created} slots created");
+        if store.prepare(&HostSlots::new(*max_entries)) {
+            log::info!(
+                "handoff: idempotency local store: {max_entries} slots, created on first use"
+            );
         }
     }
 }
@@ -183,13 +190,8 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
         return Action::Continue;
     };
     // Bytes, read lossily: the SDK's string getter panics on a non-UTF-8 value.
-    let text = |name: &str| {
-        http.get_http_request_header_bytes(name)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    };
-    let method = text(":method");
-    let path = text(":path");
+    let method = http.head.method_lossy();
+    let path = http.head.path_lossy();
     let read = |name: &str| http.get_http_request_header_bytes(name);
     match idem.check(&method, &path, &read, &HostRequest) {
         KeyCheck::NotCovered | KeyCheck::Optional => Action::Continue,

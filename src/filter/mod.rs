@@ -97,6 +97,7 @@ impl RootContext for Root {
             idempotency: None,
             replied: false,
             drain: self.drain.http(),
+            head: host::Head::default(),
         }))
     }
 
@@ -119,6 +120,8 @@ pub(crate) struct Http {
     drain: drain::HttpDrain,
     /// A stage answered the request itself: later stages must not run.
     replied: bool,
+    /// `:method` and `:path`, read once for every stage.
+    head: host::Head,
 }
 
 impl Http {
@@ -161,21 +164,21 @@ impl HttpContext for Http {
         if self.config.canary.is_some() {
             canary::on_request_headers(self);
         }
-        let holds = self.config.translate.is_some() || self.config.idempotency.is_some();
-        if holds {
-            // Only the filter decides which requests are held.
-            self.set_http_request_header(HOLD_HEADER, None);
-        }
         let action = translate::on_request_headers(self, end_of_stream);
         if self.replied {
             return action;
         }
         let action = idempotency::on_request_headers(self, end_of_stream);
-        if holds
-            && !self.replied
-            && (translate::holds_request_body(self) || idempotency::holds_request_body(self))
-        {
-            self.set_http_request_header(HOLD_HEADER, Some("1"));
+        // Only the filter decides which requests are held: a held request's mark replaces
+        // whatever the client sent, any other request's is removed. (A request answered here
+        // never reaches the hold filter.)
+        let holds = self.config.translate.is_some() || self.config.idempotency.is_some();
+        if holds && !self.replied {
+            if translate::holds_request_body(self) || idempotency::holds_request_body(self) {
+                self.set_http_request_header(HOLD_HEADER, Some("1"));
+            } else {
+                host::scrub_request_header(HOLD_HEADER);
+            }
         }
         action
     }

@@ -12,7 +12,7 @@ use log::{debug, warn};
 use proxy_wasm::traits::HttpContext;
 use proxy_wasm::types::Action;
 
-use super::host::{request_header, response_header};
+use super::host::{request_header, response_header, scrub_request_header};
 
 use super::Http;
 use crate::problem::Reply;
@@ -35,8 +35,8 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
         return Action::Continue;
     };
     // Only the filter says a request was translated.
-    http.set_http_request_header(TRANSLATED_HEADER, None);
-    let path = request_header(":path").unwrap_or_default();
+    scrub_request_header(TRANSLATED_HEADER);
+    let path = http.head.path().unwrap_or_default().to_string();
     if t.route_for_path(&path).is_none() {
         return Action::Continue;
     }
@@ -67,6 +67,7 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
         }
     };
     http.set_http_request_header(":path", Some(&plan.path));
+    http.head.set_path(&plan.path);
     http.set_http_request_header(TRANSLATED_HEADER, Some(plan.header_value()));
     // The response body is rewritten too: ask the backend for it uncompressed.
     http.set_http_request_header("accept-encoding", None);

@@ -1,10 +1,16 @@
 //! The local store: a fixed table of `max_entries` slots in Envoy's shared data, common to all
 //! worker threads of one Envoy.
 //!
-//! Shared data has compare-and-swap but no delete and no eviction, so the table is allocated
-//! once (every slot written as free when the filter is configured) and slots are overwritten in
-//! place, never added: memory is at most `max_entries` × (90-byte meta + one stored response of
-//! at most `max_response_bytes`), whatever the number of distinct keys.
+//! Shared data has compare-and-swap but no delete and no eviction, so slots are overwritten in
+//! place, never added beyond `max_entries`: memory is at most `max_entries` × (90-byte meta +
+//! one stored response of at most `max_response_bytes`), whatever the number of distinct keys.
+//!
+//! Slots are created on demand, one at a time, when a key's bucket has no reusable slot left but
+//! a slot never written (so starting the filter writes nothing but one guard entry, and an idle
+//! table costs nothing).
+//! A CAS on a missing shared-data entry always succeeds, so two workers must never write a
+//! missing slot at the same time: creation happens only under the guard (a lock record taken
+//! with a CAS on an entry that exists from `on_configure`), and re-checks each slot under it.
 //!
 //! A key hashes to a bucket of [`BUCKET`] consecutive slots. A lookup reads the bucket's metas;
 //! a record with the key decides the request; otherwise the first reusable slot (free, expired
@@ -18,6 +24,10 @@ use super::record::{Meta, State, StoredResponse};
 pub const BUCKET: u32 = 8;
 /// Lookups retried after losing a CAS race before answering 409.
 const ATTEMPTS: usize = 4;
+/// Tries to take the creation guard (held for a few shared-data calls by another worker).
+const GUARD_ATTEMPTS: usize = 64;
+/// A guard older than this was abandoned (its worker died while creating slots).
+const GUARD_TIMEOUT_MS: u64 = 1000;
 
 /// Shared-data access, by slot number. The filter implements it over the host; tests over a
 /// map.
@@ -28,6 +38,29 @@ pub trait Slots {
     fn set_meta(&self, slot: u32, value: &[u8], cas: Option<u32>) -> bool;
     fn get_response(&self, slot: u32) -> Option<Vec<u8>>;
     fn set_response(&self, slot: u32, value: &[u8]);
+    /// The creation guard entry and its CAS token (`None` before [`LocalStore::prepare`]).
+    fn get_guard(&self) -> (Option<Vec<u8>>, Option<u32>);
+    /// Writes the guard if its CAS token is still `cas`. `false` on a CAS mismatch.
+    fn set_guard(&self, value: &[u8], cas: Option<u32>) -> bool;
+}
+
+/// The free guard. Never empty: the host reads an empty shared-data value as missing.
+const GUARD_FREE: [u8; 16] = [0; 16];
+
+/// The guard's value: held by `owner` (never 0) since `at_ms`.
+fn guard_value(owner: u64, at_ms: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&owner.to_be_bytes());
+    v[8..].copy_from_slice(&at_ms.to_be_bytes());
+    v
+}
+
+fn guard_free(value: &[u8], now_ms: u64) -> bool {
+    if value.len() != 16 || value == GUARD_FREE {
+        return true;
+    }
+    let at = u64::from_be_bytes(value[8..].try_into().unwrap_or([0; 8]));
+    now_ms.saturating_sub(at) >= GUARD_TIMEOUT_MS
 }
 
 /// The outcome of looking a key up.
@@ -68,18 +101,44 @@ impl LocalStore {
         (0..BUCKET.min(n)).map(move |i| (start + i) % n)
     }
 
-    /// Writes every slot that does not exist yet as free. Run once when the filter is
-    /// configured, before requests arrive: a CAS on a missing shared-data entry always
-    /// succeeds, so slots must exist before workers race on them.
-    pub fn initialize(&self, slots: &dyn Slots) -> u32 {
-        let free = Meta::free().encode();
-        let mut created = 0;
-        for slot in 0..self.max_entries {
-            if slots.get_meta(slot).0.is_none() && slots.set_meta(slot, &free, None) {
-                created += 1;
+    /// Creates the creation guard unless it exists. Run when the filter is configured, before
+    /// requests arrive. Writes no slot.
+    pub fn prepare(&self, slots: &dyn Slots) -> bool {
+        if slots.get_guard().0.is_some() {
+            return false;
+        }
+        slots.set_guard(&GUARD_FREE, None)
+    }
+
+    /// Creates a slot never written as free, under the guard. `false` when the guard could not
+    /// be taken (another worker holds it): nothing was written.
+    fn create_slot(&self, slots: &dyn Slots, slot: u32, owner: u64, now_ms: u64) -> bool {
+        let mut taken = None;
+        for _ in 0..GUARD_ATTEMPTS {
+            match slots.get_guard() {
+                (Some(v), Some(cas))
+                    if guard_free(&v, now_ms)
+                        && slots.set_guard(&guard_value(owner.max(1), now_ms), Some(cas)) =>
+                {
+                    taken = slots.get_guard().1;
+                    break;
+                }
+                // No guard (configure did not run): never write a missing slot unguarded.
+                (None, _) | (_, None) => return false,
+                _ => {}
             }
         }
-        created
+        let Some(cas) = taken else {
+            return false;
+        };
+        // Re-checked under the guard: another worker may have created (and locked) it since
+        // our lookup.
+        if slots.get_meta(slot).0.is_none() {
+            slots.set_meta(slot, &Meta::free().encode(), None);
+        }
+        // Released only if still ours (an expired guard may have been taken over meanwhile).
+        slots.set_guard(&GUARD_FREE, Some(cas));
+        true
     }
 
     /// Looks the key up and takes its lock when the request is to be forwarded.
@@ -97,8 +156,13 @@ impl LocalStore {
         for _ in 0..ATTEMPTS {
             let mut found = None;
             let mut reusable = None;
+            let mut missing = None;
             for slot in self.bucket(&key) {
                 let (value, cas) = slots.get_meta(slot);
+                if value.is_none() {
+                    missing = missing.or(Some(slot));
+                    continue;
+                }
                 let meta = value.as_deref().and_then(Meta::decode);
                 match meta {
                     Some(m) if m.key == key && m.state != State::Free => {
@@ -111,12 +175,25 @@ impl LocalStore {
                         }
                     }
                     Some(_) => {}
-                    // Never written (initialization missed it) or unreadable: reusable.
+                    // Unreadable: reusable.
                     None => {
                         if reusable.is_none() {
                             reusable = Some((slot, cas, true));
                         }
                     }
+                }
+            }
+            if let (None, None, Some(slot)) = (&found, &reusable, missing) {
+                // No slot to reuse yet: create one and take it while it is free. A record of
+                // the key that another worker wrote meanwhile into another new slot is found
+                // after locking (below), as for any two racing lookups.
+                if !self.create_slot(slots, slot, owner, now_ms) {
+                    return Begin::Contended;
+                }
+                let (value, cas) = slots.get_meta(slot);
+                match value.as_deref().and_then(Meta::decode) {
+                    Some(m) if m.state == State::Free => reusable = Some((slot, cas, true)),
+                    _ => continue,
                 }
             }
             if let Some((slot, meta, cas)) = found {
@@ -270,12 +347,23 @@ pub mod fake {
     pub struct FakeSlots {
         pub meta: RefCell<HashMap<u32, (Vec<u8>, u32)>>,
         pub response: RefCell<HashMap<u32, Vec<u8>>>,
+        pub guard: RefCell<Option<(Vec<u8>, u32)>>,
         next_cas: RefCell<u32>,
+    }
+
+    impl FakeSlots {
+        fn next(&self) -> u32 {
+            let mut n = self.next_cas.borrow_mut();
+            *n += 1;
+            *n
+        }
     }
 
     impl Slots for FakeSlots {
         fn get_meta(&self, slot: u32) -> (Option<Vec<u8>>, Option<u32>) {
             match self.meta.borrow().get(&slot) {
+                // As the host: an empty value reads as missing.
+                Some((v, c)) if v.is_empty() => (None, Some(*c)),
                 Some((v, c)) => (Some(v.clone()), Some(*c)),
                 None => (None, None),
             }
@@ -287,9 +375,7 @@ pub mod fake {
                     return false;
                 }
             }
-            let mut n = self.next_cas.borrow_mut();
-            *n += 1;
-            m.insert(slot, (value.to_vec(), *n));
+            m.insert(slot, (value.to_vec(), self.next()));
             true
         }
         fn get_response(&self, slot: u32) -> Option<Vec<u8>> {
@@ -297,6 +383,23 @@ pub mod fake {
         }
         fn set_response(&self, slot: u32, value: &[u8]) {
             self.response.borrow_mut().insert(slot, value.to_vec());
+        }
+        fn get_guard(&self) -> (Option<Vec<u8>>, Option<u32>) {
+            match &*self.guard.borrow() {
+                Some((v, c)) if v.is_empty() => (None, Some(*c)),
+                Some((v, c)) => (Some(v.clone()), Some(*c)),
+                None => (None, None),
+            }
+        }
+        fn set_guard(&self, value: &[u8], cas: Option<u32>) -> bool {
+            let mut g = self.guard.borrow_mut();
+            if let (Some(c), Some((_, cur))) = (cas, g.as_ref()) {
+                if c != 0 && c != *cur {
+                    return false;
+                }
+            }
+            *g = Some((value.to_vec(), self.next()));
+            true
         }
     }
 }
@@ -320,8 +423,18 @@ mod tests {
     fn store(n: u32) -> (LocalStore, FakeSlots) {
         let s = LocalStore { max_entries: n };
         let slots = FakeSlots::default();
-        assert_eq!(s.initialize(&slots), n);
-        assert_eq!(s.initialize(&slots), 0, "initialization is idempotent");
+        assert!(s.prepare(&slots));
+        assert!(!s.prepare(&slots), "preparation is idempotent");
+        assert!(slots.meta.borrow().is_empty(), "no slot before first use");
+        (s, slots)
+    }
+
+    /// A store whose every slot exists already (as after heavy use).
+    fn created(n: u32) -> (LocalStore, FakeSlots) {
+        let (s, slots) = store(n);
+        for slot in 0..n {
+            slots.set_meta(slot, &Meta::free().encode(), None);
+        }
         (s, slots)
     }
 
@@ -425,7 +538,7 @@ mod tests {
     fn a_lost_cas_race_finds_the_winner() {
         // Worker B read the bucket before worker A locked; B's CAS with the stale token fails
         // and its retry finds A's lock.
-        let (s, slots) = store(8);
+        let (s, slots) = created(8);
         let k = key(5);
         let slot = s.bucket(&k).next().unwrap();
         let (_, stale) = slots.get_meta(slot);
@@ -455,11 +568,20 @@ mod tests {
         }
     }
 
-    /// Slots where another worker's lock for the same key lands in a different slot right
-    /// before our CAS (it saw another free slot).
+    /// Slots where another worker writes a record right before our first meta write (or, with
+    /// `at_guard`, our first look at the creation guard).
     struct Racing {
         inner: FakeSlots,
         inject: std::cell::RefCell<Option<(u32, Vec<u8>)>>,
+        at_guard: bool,
+    }
+
+    impl Racing {
+        fn race(&self) {
+            if let Some((s, v)) = self.inject.borrow_mut().take() {
+                self.inner.set_meta(s, &v, None);
+            }
+        }
     }
 
     impl Slots for Racing {
@@ -467,8 +589,8 @@ mod tests {
             self.inner.get_meta(slot)
         }
         fn set_meta(&self, slot: u32, value: &[u8], cas: Option<u32>) -> bool {
-            if let Some((s, v)) = self.inject.borrow_mut().take() {
-                self.inner.set_meta(s, &v, None);
+            if !self.at_guard {
+                self.race();
             }
             self.inner.set_meta(slot, value, cas)
         }
@@ -478,17 +600,27 @@ mod tests {
         fn set_response(&self, slot: u32, value: &[u8]) {
             self.inner.set_response(slot, value)
         }
+        fn get_guard(&self) -> (Option<Vec<u8>>, Option<u32>) {
+            if self.at_guard {
+                self.race();
+            }
+            self.inner.get_guard()
+        }
+        fn set_guard(&self, value: &[u8], cas: Option<u32>) -> bool {
+            self.inner.set_guard(value, cas)
+        }
     }
 
     #[test]
     fn a_duplicate_lock_in_another_slot_gives_way() {
-        let (s, inner) = store(8);
+        let (s, inner) = created(8);
         let k = key(6);
         let second = s.bucket(&k).nth(1).unwrap();
         let theirs = lock_record(k, FP, 1, 1000, TIMEOUT).encode();
         let slots = Racing {
             inner,
             inject: std::cell::RefCell::new(Some((second, theirs))),
+            at_guard: false,
         };
         match s.begin(&slots, k, FP, 2, 1000, TIMEOUT) {
             Begin::Found {
@@ -502,6 +634,75 @@ mod tests {
         let first = s.bucket(&k).next().unwrap();
         let m = Meta::decode(&slots.get_meta(first).0.unwrap()).unwrap();
         assert_eq!(m.state, State::Free);
+    }
+
+    #[test]
+    fn slots_are_created_one_at_a_time_when_none_is_reusable() {
+        let (s, slots) = store(10_000);
+        let k = key(11);
+        let lock = lock_of(s.begin(&slots, k, FP, 1, 1000, TIMEOUT));
+        assert_eq!(slots.meta.borrow().len(), 1);
+        assert_eq!(s.bucket(&k).next(), Some(lock.slot));
+        // The guard was released.
+        assert_eq!(slots.get_guard().0.as_deref(), Some(&GUARD_FREE[..]));
+        // A live key in the bucket: the next key gets a new slot.
+        let mut other = key(11);
+        other[31] = 1;
+        let second = lock_of(s.begin(&slots, other, FP, 2, 1000, TIMEOUT));
+        assert_eq!(s.bucket(&k).nth(1), Some(second.slot));
+        // A released slot is reused before another is created.
+        assert!(s.release(&slots, &second));
+        other[31] = 2;
+        assert_eq!(
+            lock_of(s.begin(&slots, other, FP, 3, 1000, TIMEOUT)).slot,
+            second.slot
+        );
+        assert_eq!(slots.meta.borrow().len(), 2);
+    }
+
+    #[test]
+    fn a_guard_held_by_another_worker_writes_nothing_until_it_expires() {
+        let (s, slots) = store(64);
+        slots.set_guard(&guard_value(42, 1000), None);
+        assert_eq!(
+            s.begin(&slots, key(12), FP, 1, 1000, TIMEOUT),
+            Begin::Contended
+        );
+        assert!(slots.meta.borrow().is_empty());
+        // Its worker died while holding it: taken over after GUARD_TIMEOUT_MS.
+        lock_of(s.begin(&slots, key(12), FP, 1, 1000 + GUARD_TIMEOUT_MS, TIMEOUT));
+    }
+
+    #[test]
+    fn without_a_guard_no_missing_slot_is_written() {
+        let s = LocalStore { max_entries: 64 };
+        let slots = FakeSlots::default();
+        assert_eq!(
+            s.begin(&slots, key(13), FP, 1, 1000, TIMEOUT),
+            Begin::Contended
+        );
+        assert!(slots.meta.borrow().is_empty());
+    }
+
+    #[test]
+    fn creation_never_overwrites_a_slot_created_meanwhile() {
+        let (s, inner) = store(64);
+        let k = key(14);
+        let first = s.bucket(&k).next().unwrap();
+        let theirs = lock_record(k, FP, 1, 1000, TIMEOUT).encode();
+        // Another worker creates the bucket and locks the key between our lookup and our
+        // taking the guard.
+        let slots = Racing {
+            inner,
+            inject: std::cell::RefCell::new(Some((first, theirs))),
+            at_guard: true,
+        };
+        assert_eq!(
+            decision_of(s.begin(&slots, k, FP, 2, 1000, TIMEOUT)),
+            Decision::InFlight
+        );
+        let m = Meta::decode(&slots.get_meta(first).0.unwrap()).unwrap();
+        assert_eq!((m.state, m.owner), (State::InFlight, 1));
     }
 
     #[test]
