@@ -6,6 +6,7 @@ use serde::Deserialize;
 use std::fmt;
 
 mod strict;
+pub(crate) use strict::value as json_value;
 mod walk;
 
 use crate::canary::{Canary, RawCanary};

@@ -751,17 +751,19 @@ pub fn start_grace(request_path: &str, body: Option<&[u8]>) -> Result<Option<u32
 /// `{"grace_s": N}` (or `{}`) read through a `Value`, not a derived `Deserialize`: a typed
 /// serde_json deserializer would bring core's float formatting into the wasm (issue 7).
 fn grace_in_body(body: &[u8]) -> Result<Option<String>, String> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let value = crate::config::json_value(body)?;
     let Some(fields) = value.as_object() else {
-        return Err(format!("not an object: {value}"));
+        return Err("expected a JSON object such as {\"grace_s\": 30}".to_string());
     };
     if let Some(k) = fields.keys().find(|k| *k != "grace_s") {
         return Err(format!("unknown field `{k}`, expected `grace_s`"));
     }
     match fields.get("grace_s") {
         None | Some(serde_json::Value::Null) => Ok(None),
-        Some(g) if g.is_i64() => Ok(Some(g.to_string())),
-        Some(g) => Err(format!("grace_s is not a whole number: {g}")),
+        Some(g) => match g.as_i64() {
+            Some(n) => Ok(Some(n.to_string())),
+            None => Err("grace_s is not a whole number of seconds".to_string()),
+        },
     }
 }
 

@@ -1118,6 +1118,6 @@ fn translate_tree<'v>(
 
 #[cfg(test)]
 mod tests;
-mod tree;
+pub(crate) mod tree;
 
 use tree::{Node, Object};

@@ -32,6 +32,15 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Value, ConfigError> {
     }
 }
 
+/// Any JSON text the filter reads as a [`Value`] (the drain admin body): one parser in the
+/// wasm, not serde_json's `Value` deserializer beside this one.
+pub(crate) fn value(bytes: &[u8]) -> Result<Value, String> {
+    parse(bytes).map_err(|e| match e.path.as_str() {
+        "." => e.message,
+        path => format!("{path}: {}", e.message),
+    })
+}
+
 /// A value at `path`; records the first duplicate key it meets in `duplicate`.
 struct Strict<'a> {
     path: String,
