@@ -257,14 +257,32 @@ def lua_filter(name, code):
                                            "default_source_code": {"inline_string": code}}}
 
 
+def hold_filter(name, code, input_type, mark):
+    """A hold filter as shipped: the Lua filter wrapped in an ExtensionWithMatcher that skips it
+    unless the stream carries handoff's mark, so unmarked requests do not pay for Lua."""
+    present = {"single_predicate": {
+        "input": {"name": mark, "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3." + input_type, "header_name": mark}},
+        "value_match": {"safe_regex": {"google_re2": {}, "regex": ".*"}}}}
+    skip = {"name": "skip", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}
+    return {"name": name, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+        "xds_matcher": {"matcher_list": {"matchers": [
+            {"predicate": {"not_matcher": present}, "on_match": {"action": skip}}]}},
+        "extension_config": lua_filter(name, code)}}
+
+
 def handoff_chain(plugin_config):
     """The handoff filter as the shipped configs deploy it for these sections."""
     f = wasm_filter("handoff", HANDOFF_WASM, plugin_config)
     chain = [f]
     if "translate" in plugin_config:
-        chain.insert(0, lua_filter("handoff-hold-response", LUA_HOLD_RESPONSE))
+        chain.insert(0, hold_filter("handoff-hold-response", LUA_HOLD_RESPONSE,
+                                     "HttpResponseHeaderMatchInput", "x-handoff-translated"))
     if "translate" in plugin_config or "idempotency" in plugin_config:
-        chain.append(lua_filter("handoff-hold-request", LUA_HOLD_REQUEST))
+        chain.append(hold_filter("handoff-hold-request", LUA_HOLD_REQUEST,
+                                 "HttpRequestHeaderMatchInput", "x-handoff-hold"))
     return chain
 
 
