@@ -467,8 +467,9 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Option<Action
     let config = http.config.clone();
     let d = config.drain.as_ref()?;
     if let Some(admin) = &d.admin {
-        let path = http.head.path().unwrap_or_default().to_string();
-        if is_admin_path(&path, &admin.path) {
+        let path = http.head.path().unwrap_or_default();
+        if is_admin_path(path, &admin.path) {
+            let path = path.to_string();
             return Some(admin_request(http, d, &path, end_of_stream));
         }
     }

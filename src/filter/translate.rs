@@ -15,6 +15,7 @@ use proxy_wasm::types::Action;
 use super::host::{request_header, response_header, scrub_request_header};
 
 use super::Http;
+use crate::config::Config;
 use crate::problem::Reply;
 use crate::translate::{
     check_encoding, direction, Message, Plan, RequestHead, Route, TranslateError, TRANSLATED_HEADER,
@@ -36,10 +37,13 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
     };
     // Only the filter says a request was translated.
     scrub_request_header(TRANSLATED_HEADER);
-    let path = http.head.path().unwrap_or_default().to_string();
-    if t.route_for_path(&path).is_none() {
+    if t.route_for_path(http.head.path().unwrap_or_default())
+        .is_none()
+    {
         return Action::Continue;
     }
+    // Owned from here: the stage rewrites the request while it still uses the original path.
+    let path = http.head.path().unwrap_or_default().to_string();
     // Each host call copies: the body's headers are read only when there is a body.
     let body_header = |name: &str| {
         if end_of_stream {
@@ -93,44 +97,67 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
 }
 
 pub fn on_request_body(http: &mut Http, body_size: usize, end_of_stream: bool) -> Action {
-    let Some(p) = http.translate.as_ref().filter(|p| p.request_body) else {
+    on_body(http, Message::Request, body_size, end_of_stream)
+}
+
+pub fn on_response_body(http: &mut Http, body_size: usize, end_of_stream: bool) -> Action {
+    on_body(http, Message::Response, body_size, end_of_stream)
+}
+
+/// True while the body of `message` is being buffered for rewriting.
+fn buffering(http: &Http, message: Message) -> bool {
+    http.translate.as_ref().is_some_and(|p| match message {
+        Message::Request => p.request_body,
+        Message::Response => p.response_body,
+    })
+}
+
+/// The route of the pending translation.
+fn pending_route<'c>(http: &Http, config: &'c Config) -> Option<&'c Route> {
+    let p = http.translate.as_ref()?;
+    config.translate.as_ref()?.route(&p.plan)
+}
+
+/// The buffered body of `message`, its first `len` bytes (Envoy clamps to what it holds).
+fn buffered_body(http: &Http, message: Message, len: usize) -> Vec<u8> {
+    match message {
+        Message::Request => http.get_http_request_body(0, len),
+        Message::Response => http.get_http_response_body(0, len),
+    }
+    .unwrap_or_default()
+}
+
+/// A body chunk: checked against the size limit as it streams in, rewritten at its end.
+fn on_body(http: &mut Http, message: Message, body_size: usize, end_of_stream: bool) -> Action {
+    if !buffering(http, message) {
         return Action::Continue;
-    };
+    }
     let config = http.config.clone();
-    let Some(route) = config.translate.as_ref().and_then(|t| t.route(&p.plan)) else {
+    let Some(route) = pending_route(http, &config) else {
         return Action::Continue;
     };
     if let Err(e) = route.check_size(body_size) {
-        return fail(http, &route.name, Message::Request, &e);
+        return fail(http, &route.name, message, &e);
     }
     if !end_of_stream {
         return Action::Pause;
     }
-    let body = http.get_http_request_body(0, body_size).unwrap_or_default();
-    rewrite(http, route, Message::Request, body_size, &body)
+    let body = buffered_body(http, message, body_size);
+    rewrite(http, route, message, body_size, &body)
 }
 
 /// Trailers end a body that has them (gRPC-style HTTP/2 clients and backends): what is
 /// buffered so far is the whole body, translated now. The trailers pass unchanged.
 pub fn on_trailers(http: &mut Http, message: Message) -> Action {
-    let buffering = |p: &&Pending| match message {
-        Message::Request => p.request_body,
-        Message::Response => p.response_body,
-    };
-    let Some(p) = http.translate.as_ref().filter(buffering) else {
+    if !buffering(http, message) {
         return Action::Continue;
-    };
-    let config = http.config.clone();
-    let Some(route) = config.translate.as_ref().and_then(|t| t.route(&p.plan)) else {
-        return Action::Continue;
-    };
-    // Envoy clamps the length to the buffer; u32::MAX is "all of it" on wasm32.
-    let all = u32::MAX as usize;
-    let body = match message {
-        Message::Request => http.get_http_request_body(0, all),
-        Message::Response => http.get_http_response_body(0, all),
     }
-    .unwrap_or_default();
+    let config = http.config.clone();
+    let Some(route) = pending_route(http, &config) else {
+        return Action::Continue;
+    };
+    // u32::MAX is "all of it" on wasm32.
+    let body = buffered_body(http, message, u32::MAX as usize);
     if let Err(e) = route.check_size(body.len()) {
         return fail(http, &route.name, message, &e);
     }
@@ -170,11 +197,8 @@ pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
     if end_of_stream {
         return Action::Continue;
     }
-    let Some(p) = http.translate.as_ref() else {
-        return Action::Continue;
-    };
     let config = http.config.clone();
-    let Some(route) = config.translate.as_ref().and_then(|t| t.route(&p.plan)) else {
+    let Some(route) = pending_route(http, &config) else {
         return Action::Continue;
     };
     let status = response_header(":status")
@@ -199,26 +223,6 @@ pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
     // backend's answer to a v1 client.
     http.set_http_response_header(TRANSLATED_HEADER, Some(marker));
     Action::Continue
-}
-
-pub fn on_response_body(http: &mut Http, body_size: usize, end_of_stream: bool) -> Action {
-    let Some(p) = http.translate.as_ref().filter(|p| p.response_body) else {
-        return Action::Continue;
-    };
-    let config = http.config.clone();
-    let Some(route) = config.translate.as_ref().and_then(|t| t.route(&p.plan)) else {
-        return Action::Continue;
-    };
-    if let Err(e) = route.check_size(body_size) {
-        return fail(http, &route.name, Message::Response, &e);
-    }
-    if !end_of_stream {
-        return Action::Pause;
-    }
-    let body = http
-        .get_http_response_body(0, body_size)
-        .unwrap_or_default();
-    rewrite(http, route, Message::Response, body_size, &body)
 }
 
 fn count(http: &Http, plan: &Plan, message: Message) {
@@ -251,25 +255,18 @@ fn fail(http: &mut Http, route: &str, message: Message, e: &TranslateError) -> A
 
 /// True while the request body is buffered for rewriting.
 pub fn holds_request_body(http: &Http) -> bool {
-    http.translate.as_ref().is_some_and(|p| p.request_body)
+    buffering(http, Message::Request)
 }
 
 /// True while the response body is buffered for rewriting.
 pub fn buffers_response(http: &Http) -> bool {
-    http.translate.as_ref().is_some_and(|p| p.response_body)
+    buffering(http, Message::Response)
 }
 
 /// A reply made from the backend's own response (an idempotency replay), translated for the
 /// client of this request exactly as a forwarded response would be.
 pub fn for_client(http: &Http, mut reply: Reply) -> Reply {
-    let Some(p) = http.translate.as_ref() else {
-        return reply;
-    };
-    let Some(route) = http
-        .config
-        .translate
-        .as_ref()
-        .and_then(|t| t.route(&p.plan))
+    let (Some(p), Some(route)) = (http.translate.as_ref(), pending_route(http, &http.config))
     else {
         return reply;
     };
