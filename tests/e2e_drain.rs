@@ -28,6 +28,15 @@ fn drain_config(edit: impl FnOnce(&mut Value)) -> Value {
     c
 }
 
+/// The fixture's drain without its readiness probe (started by the admin path or the upstream
+/// signal only), then `edit`.
+fn drain_config_no_readiness(edit: impl FnOnce(&mut Value)) -> Value {
+    drain_config(|d| {
+        d.as_object_mut().unwrap().remove("readiness");
+        edit(d);
+    })
+}
+
 async fn start(backend: &Backend, concurrency: u32, config: Value) -> Envoy {
     let mut opts = EnvoyOpts::new("drain")
         .upstream(8081, backend)
@@ -205,8 +214,7 @@ async fn admin_drain_sends_goaway_and_connection_close_and_delete_restores_keep_
     let envoy = start(
         &app,
         2,
-        drain_config(|d| {
-            d.as_object_mut().unwrap().remove("readiness");
+        drain_config_no_readiness(|d| {
             d["grace_s"] = json!(600);
         }),
     )
@@ -310,8 +318,7 @@ async fn an_upstream_signal_starts_the_drain() {
     let envoy = start(
         &app,
         2,
-        drain_config(|d| {
-            d.as_object_mut().unwrap().remove("readiness");
+        drain_config_no_readiness(|d| {
             d["grace_s"] = json!(600);
         }),
     )
@@ -338,8 +345,7 @@ async fn reconnect_hints_spread_over_the_jitter_range() {
     let envoy = start(
         &app,
         1,
-        drain_config(|d| {
-            d.as_object_mut().unwrap().remove("readiness");
+        drain_config_no_readiness(|d| {
             d["grace_s"] = json!(600);
             d["reconnect_jitter_ms"] = json!(jitter);
         }),
@@ -382,8 +388,7 @@ async fn after_the_grace_new_requests_get_503_and_never_reach_the_app() {
     let envoy = start(
         &app,
         1,
-        drain_config(|d| {
-            d.as_object_mut().unwrap().remove("readiness");
+        drain_config_no_readiness(|d| {
             d["retry_after_s"] = json!(2);
         }),
     )
@@ -444,8 +449,7 @@ async fn an_event_stream_gets_one_reconnect_event_between_whole_events() {
     let envoy = start(
         &app,
         1,
-        drain_config(|d| {
-            d.as_object_mut().unwrap().remove("readiness");
+        drain_config_no_readiness(|d| {
             d["grace_s"] = json!(600);
             d["reconnect_jitter_ms"] = json!(jitter);
         }),
@@ -501,14 +505,7 @@ async fn an_event_stream_gets_one_reconnect_event_between_whole_events() {
 #[tokio::test]
 async fn inflight_counts_slow_requests_across_workers() {
     let app = Backend::start("app", "v1");
-    let envoy = start(
-        &app,
-        2,
-        drain_config(|d| {
-            d.as_object_mut().unwrap().remove("readiness");
-        }),
-    )
-    .await;
+    let envoy = start(&app, 2, drain_config_no_readiness(|_| {})).await;
     assert_eq!(state(&envoy).await["inflight"], 0);
     let n = 4;
     let tasks: Vec<_> = (0..n)
@@ -543,8 +540,7 @@ async fn the_admin_path_needs_loopback_or_the_token() {
     let envoy = start(
         &app,
         1,
-        drain_config(|d| {
-            d.as_object_mut().unwrap().remove("readiness");
+        drain_config_no_readiness(|d| {
             d["admin"]["token_sha256"] = json!(hash);
             d["grace_s"] = json!(600);
         }),
@@ -619,8 +615,7 @@ async fn prestop_script_starts_the_drain_and_waits_for_inflight_requests() {
     let envoy = start(
         &app,
         2,
-        drain_config(|d| {
-            d.as_object_mut().unwrap().remove("readiness");
+        drain_config_no_readiness(|d| {
             d["grace_s"] = json!(600);
         }),
     )
@@ -656,14 +651,7 @@ async fn prestop_script_starts_the_drain_and_waits_for_inflight_requests() {
 #[tokio::test]
 async fn prestop_script_gives_up_at_its_deadline() {
     let app = Backend::start("app", "v1");
-    let envoy = start(
-        &app,
-        1,
-        drain_config(|d| {
-            d.as_object_mut().unwrap().remove("readiness");
-        }),
-    )
-    .await;
+    let envoy = start(&app, 1, drain_config_no_readiness(|_| {})).await;
     let url = envoy.url("/stuck?delay_ms=30000");
     let _stuck = tokio::spawn(async move { h1().get(url).send().await.is_ok() });
     wait_for("1 in flight", WAIT, || async {
@@ -697,8 +685,7 @@ async fn an_admin_post_takes_the_grace_from_its_json_body_and_never_reaches_the_
     let envoy = start(
         &app,
         2,
-        drain_config(|d| {
-            d.as_object_mut().unwrap().remove("readiness");
+        drain_config_no_readiness(|d| {
             d["grace_s"] = json!(600);
         }),
     )
