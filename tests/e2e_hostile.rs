@@ -468,6 +468,24 @@ async fn one_app(fixture: &str, config: Value) -> (Envoy, Backend) {
 }
 
 /// Asserts a problem+json answer with `status`; returns the problem body.
+/// `body` POSTed as JSON to the translated v1 route over HTTP/1.1 and HTTP/2: a `status`
+/// problem each time, the app never sees it, and Envoy keeps serving.
+async fn v1_json_post_is_refused(body: Vec<u8>, status: u16) {
+    let (envoy, app) = one_app("translate", translate_config()).await;
+    for (_, client) in clients() {
+        let r = client
+            .post(envoy.url("/api/v1/payments"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        problem(r, status).await;
+    }
+    assert_eq!(app.requests().await, 0);
+    still_serves_path(&envoy, "/api/v2/payments").await;
+}
+
 async fn problem(r: reqwest::Response, status: u16) -> Value {
     assert_eq!(r.status(), status);
     assert_eq!(header(&r, "content-type"), "application/problem+json");
@@ -484,42 +502,18 @@ async fn problem(r: reqwest::Response, status: u16) -> Value {
 /// (invalid JSON with a position), never a stack overflow in the VM; the app never sees it.
 #[tokio::test]
 async fn json_nested_10000_levels_is_a_400_problem() {
-    let (envoy, app) = one_app("translate", translate_config()).await;
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     let body = format!(r#"{{"amount": 1, "customer_id": "c", "x": {deep}}}"#);
-    for (_, client) in clients() {
-        let r = client
-            .post(envoy.url("/api/v1/payments"))
-            .header("content-type", "application/json")
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
-        problem(r, 400).await;
-    }
-    assert_eq!(app.requests().await, 0);
-    still_serves_path(&envoy, "/api/v2/payments").await;
+    v1_json_post_is_refused(body.into(), 400).await;
 }
 
 /// Invalid UTF-8 inside a JSON string: 400 problem, not forwarded.
 #[tokio::test]
 async fn invalid_utf8_json_is_a_400_problem() {
-    let (envoy, app) = one_app("translate", translate_config()).await;
     let mut body = br#"{"amount": 1, "customer_id": ""#.to_vec();
     body.extend_from_slice(b"\xff\xfe\xc3");
     body.extend_from_slice(br#""}"#);
-    for (_, client) in clients() {
-        let r = client
-            .post(envoy.url("/api/v1/payments"))
-            .header("content-type", "application/json")
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
-        problem(r, 400).await;
-    }
-    assert_eq!(app.requests().await, 0);
-    still_serves_path(&envoy, "/api/v2/payments").await;
+    v1_json_post_is_refused(body, 400).await;
 }
 
 /// A 10 MB body on a route that buffers (translation): 413 problem (over `max_body_bytes`), the
