@@ -177,20 +177,8 @@ pub struct LdsCounters {
 
 impl LdsCounters {
     pub async fn read(envoy: &Envoy) -> LdsCounters {
-        let text = super::h1()
-            .get(envoy.admin_url("/stats?filter=^listener_manager\\.lds\\."))
-            .send()
-            .await
-            .expect("admin reachable")
-            .text()
-            .await
-            .expect("stats");
-        let get = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("listener_manager.lds.{name}: ")))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
+        let text = admin_stats(envoy, "^listener_manager\\.lds\\.").await;
+        let get = |name: &str| stat_in(&text, &format!("listener_manager.lds.{name}"));
         LdsCounters {
             success: get("update_success"),
             rejected: get("update_rejected"),
@@ -231,16 +219,26 @@ async fn wait_for_update(envoy: &Envoy, before: LdsCounters) -> Push {
 
 /// A plain admin stat (counter or gauge) by its full name; 0 when absent.
 pub async fn gauge(envoy: &Envoy, name: &str) -> u64 {
-    let text = super::h1()
-        .get(envoy.admin_url(&format!("/stats?filter=^{}$", name.replace('.', "\\."))))
+    let filter = format!("^{}$", name.replace('.', "\\."));
+    stat_in(&admin_stats(envoy, &filter).await, name)
+}
+
+/// Envoy's plain-text admin stats whose names match the regex `filter`.
+async fn admin_stats(envoy: &Envoy, filter: &str) -> String {
+    super::h1()
+        .get(envoy.admin_url(&format!("/stats?filter={filter}")))
         .send()
         .await
         .expect("admin reachable")
         .text()
         .await
-        .expect("stats");
+        .expect("stats")
+}
+
+/// The value of stat `name` in admin stats text; 0 when absent.
+fn stat_in(text: &str, name: &str) -> u64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }
