@@ -57,6 +57,13 @@ async fn variant_of(client: &reqwest::Client, req: reqwest::RequestBuilder) -> (
     (h("x-canary-variant"), h("x-upstream"))
 }
 
+/// The anonymous id handoff minted for this response (its `hf_uid` Set-Cookie).
+fn minted_id(r: &reqwest::Response) -> String {
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    let value = cookie.strip_prefix("hf_uid=").expect("an hf_uid cookie");
+    value.split(';').next().unwrap().to_string()
+}
+
 fn expected(user: &str, percent: f64) -> &'static str {
     if bucket(SALT, user) < handoff::canary::threshold(percent) {
         "canary"
@@ -212,12 +219,24 @@ async fn a_client_sent_route_header_cannot_choose_the_cohort() {
         );
         let seen = s.stable.last().await;
         assert_eq!(seen["headers"]["x-canary-variant"], "stable", "{proto}");
-        // Without any user id the request is stable too, whatever it claims.
+        // Without any user id the request gets an anonymous id (the fixture mints one) and
+        // the cohort of that id, whatever the request claims.
         let req = client
             .get(s.envoy.url("/"))
             .header("x-canary-variant", "canary");
         let r = req.send().await.unwrap();
-        assert_eq!(r.headers()["x-upstream"], "stable", "{proto}");
+        let cohort = expected(&minted_id(&r), 12.5);
+        assert_eq!(r.headers()["x-upstream"], cohort, "{proto}");
+        let backend = if cohort == "canary" {
+            &s.canary
+        } else {
+            &s.stable
+        };
+        assert_eq!(
+            backend.last().await["headers"]["x-canary-variant"],
+            cohort,
+            "{proto}"
+        );
     }
 }
 
@@ -288,13 +307,7 @@ async fn anonymous_users_get_a_cookie_and_keep_their_variant() {
                 && cookie.contains("Max-Age=2592000"),
             "{cookie}"
         );
-        let id = cookie
-            .strip_prefix("hf_uid=")
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string();
+        let id = minted_id(&r);
         let first = r.headers()["x-canary-variant"]
             .to_str()
             .unwrap()
