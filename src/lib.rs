@@ -8,6 +8,7 @@ pub mod config;
 pub mod drain;
 pub mod idempotency;
 pub mod problem;
+pub mod shared;
 pub mod source;
 pub mod translate;
 

@@ -6,6 +6,7 @@ mod drain;
 mod host;
 mod idempotency;
 mod metrics;
+mod shared;
 mod translate;
 
 use log::{error, info};
