@@ -20,6 +20,7 @@ pub struct Metrics {
     by_name: RefCell<HashMap<String, u32>>,
     idempotency_outcomes: Vec<u32>,
     idempotency_slots_used: u32,
+    idempotency_retry_pending: u32,
     drain_state: u32,
     drain_started: Vec<u32>,
     drain_hinted: u32,
@@ -66,6 +67,7 @@ impl Metrics {
                 })
                 .collect(),
             idempotency_slots_used: gauge("handoff_idempotency_local_slots_used"),
+            idempotency_retry_pending: gauge("handoff_idempotency_retry_pending"),
             drain_state: gauge("handoff_drain_state"),
             drain_started: DrainSource::ALL
                 .iter()
@@ -116,6 +118,18 @@ impl Metrics {
     /// Expired records stay counted until their slot is reused.
     pub fn idempotency_slots_used(&self, delta: i64) {
         let _ = hostcalls::increment_metric(self.idempotency_slots_used, delta);
+    }
+
+    /// `handoff_idempotency_retries{outcome}`: what became of etcd writes that failed once:
+    /// queued, then stored, lost (taken over), failed (refused for good), expired (deadline
+    /// passed) or dropped (queue full, store changed).
+    pub fn idempotency_retry(&self, outcome: &str) {
+        self.inc_named(format!("handoff_idempotency_retries.outcome.{outcome}"));
+    }
+
+    /// Writes this worker has queued for retry.
+    pub fn idempotency_retry_pending(&self, n: usize) {
+        let _ = hostcalls::record_metric(self.idempotency_retry_pending, n as u64);
     }
 
     /// 0 serving, 1 draining, 2 drained.
