@@ -36,7 +36,7 @@ use crate::idempotency::etcd::{
 };
 use crate::idempotency::local::{Begin, LocalLock, LocalStore};
 use crate::idempotency::machine::{verdict, Decision, Verdict};
-use crate::idempotency::outbox::{self, Entry, Gone, Limits, Outbox};
+use crate::idempotency::outbox::{self, Answered, Entry, Gone, Limits, Outbox};
 use crate::idempotency::record::StoredResponse;
 use crate::idempotency::{
     fingerprint, problem, replay_reply, Idempotency, KeyCheck, Outcome, Store, WhenFull,
@@ -292,7 +292,7 @@ fn flush<C: Context + ?Sized>(ctx: &C, store: &EtcdStore, metrics: &Metrics) {
 
 /// Queues a write etcd did not take; counts and logs a drop when the queue is full.
 fn enqueue(metrics: &Metrics, e: Entry) {
-    let (owner, write) = (e.owner, e.write);
+    let (owner, write, failed) = (e.owner, e.write, e.tries > 0);
     let pushed = OUTBOX.with(|q| match q.borrow_mut().as_mut() {
         Some(q) => {
             let r = q.push(e).map_err(|_| (q.len(), q.bytes()));
@@ -302,7 +302,8 @@ fn enqueue(metrics: &Metrics, e: Entry) {
         None => Err((0, 0)),
     });
     match pushed {
-        Ok(()) => metrics.idempotency_retry("queued"),
+        Ok(()) if failed => metrics.idempotency_retry("retried"),
+        Ok(()) => {}
         Err((len, bytes)) => {
             metrics.idempotency_retry("dropped");
             warn!(
@@ -338,10 +339,28 @@ fn queued_answer<C: Context + ?Sized>(
         metrics.idempotency_retry_pending(q.len());
         gone
     });
-    let Some(Gone::Settled(e, settled)) = gone else {
-        return;
+    let (e, settled) = match gone {
+        Some(Answered::Gone(Gone::Settled(e, settled))) => (e, settled),
+        Some(Answered::Retrying {
+            error,
+            first: true,
+            unsent,
+        }) => {
+            if unsent {
+                metrics.idempotency_retry("retried");
+            }
+            warn!(
+                "handoff: idempotency: etcd did not take a queued completion/release ({error}); \
+                 retrying with backoff until timeout_ms + lock_timeout_s/4 before its lock \
+                 expires"
+            );
+            return;
+        }
+        _ => return,
     };
     match settled {
+        // A write queued only to be confirmed (its request ended before etcd's answer).
+        Settled::Done if e.tries == 0 => {}
         Settled::Done => {
             metrics.idempotency_retry("stored");
             info!(

@@ -120,9 +120,9 @@ impl Metrics {
         let _ = hostcalls::increment_metric(self.idempotency_slots_used, delta);
     }
 
-    /// `handoff_idempotency_retries{outcome}`: what became of etcd writes that failed once:
-    /// queued, then stored, lost (taken over), failed (refused for good), expired (deadline
-    /// passed) or dropped (queue full, store changed).
+    /// `handoff_idempotency_retries{outcome}`: etcd completions and releases that failed and
+    /// are retried (`retried`), and how they ended: `stored`, `lost` (taken over), `failed`
+    /// (refused for good), `expired` (deadline passed), `dropped` (queue full, store changed).
     pub fn idempotency_retry(&self, outcome: &str) {
         self.inc_named(format!("handoff_idempotency_retries.outcome.{outcome}"));
     }

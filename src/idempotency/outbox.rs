@@ -75,6 +75,8 @@ pub struct Entry {
     next_at_ms: u64,
     /// The callout carrying it and when it left.
     sent: Option<(u32, u64)>,
+    /// A retry from the queue failed already.
+    failed: bool,
 }
 
 impl Entry {
@@ -94,6 +96,7 @@ impl Entry {
             tries: 1,
             next_at_ms: now_ms + FIRST_BACKOFF_MS,
             sent: None,
+            failed: false,
         }
     }
 
@@ -116,6 +119,20 @@ impl Entry {
     fn bytes(&self) -> usize {
         self.request.body.len()
     }
+}
+
+/// What an answer did to the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answered {
+    /// etcd failed in a way that may pass: kept for another attempt; `first` on the entry's
+    /// first failed retry (for one log line per entry).
+    Retrying {
+        error: crate::etcd::Error,
+        first: bool,
+        /// The entry had not failed before it was queued (it was queued to be confirmed).
+        unsent: bool,
+    },
+    Gone(Gone),
 }
 
 /// How an entry left the queue.
@@ -216,20 +233,27 @@ impl Outbox {
 
     /// The answer to callout `token`, if it carried one of ours: a transient failure keeps
     /// the entry for another attempt, anything else ends it.
-    pub fn answered(&mut self, token: u32, answer: &Answer, now_ms: u64) -> Option<Gone> {
+    pub fn answered(&mut self, token: u32, answer: &Answer, now_ms: u64) -> Option<Answered> {
         let i = self
             .entries
             .iter()
             .position(|e| matches!(e.sent, Some((t, _)) if t == token))?;
         let e = &mut self.entries[i];
         match settle(e.write, e.owner, answer) {
-            Settled::Retry(_) => {
+            Settled::Retry(error) => {
+                let first = !e.failed;
+                let unsent = e.tries == 0;
+                e.failed = true;
                 backoff(e, now_ms);
-                None
+                Some(Answered::Retrying {
+                    error,
+                    first,
+                    unsent,
+                })
             }
             settled => {
                 let e = self.remove(i);
-                Some(Gone::Settled(e, settled))
+                Some(Answered::Gone(Gone::Settled(e, settled)))
             }
         }
     }

@@ -93,9 +93,34 @@ impl Etcd {
         self.child.is_some()
     }
 
+    /// Freezes etcd (SIGSTOP): connections are still accepted by the kernel, nothing is
+    /// answered, so callouts time out, as with a hung or partitioned member.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen etcd run again (SIGCONT); it answers what was sent meanwhile.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("etcd is running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// Stops etcd now with SIGKILL, a crash (the handle's drop does the same).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // A frozen process dies of SIGKILL too; SIGCONT first keeps its log complete.
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -73,7 +73,9 @@ fn tick(q: &mut Outbox, etcd: &FakeEtcd, now: u64, token: &mut u32) -> (Vec<Gone
         out.push((*token, etcd.call(&r)));
     }
     for (t, a) in out {
-        gone.extend(q.answered(t, &answer(&a), now));
+        if let Some(Answered::Gone(g)) = q.answered(t, &answer(&a), now) {
+            gone.push(g);
+        }
     }
     (gone, expired)
 }
