@@ -91,18 +91,29 @@ impl Op<'_> {
     }
 }
 
-fn list<T>(items: &[T], json: impl Fn(&T) -> String) -> String {
-    items.iter().map(json).collect::<Vec<_>>().join(",")
+/// Appends `"name":[a,b,...]`.
+fn list(out: &mut String, name: &str, items: &mut dyn Iterator<Item = String>) {
+    out.push('"');
+    out.push_str(name);
+    out.push_str("\":[");
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&item);
+    }
+    out.push(']');
 }
 
 /// If every `compare` holds, runs `success`, else `failure` (read with [`parse_txn`]).
 pub fn txn(compare: &[Compare], success: &[Op], failure: &[Op]) -> Request {
-    let body = format!(
-        r#"{{"compare":[{}],"success":[{}],"failure":[{}]}}"#,
-        list(compare, Compare::json),
-        list(success, Op::json),
-        list(failure, Op::json)
-    );
+    let mut body = String::from("{");
+    list(&mut body, "compare", &mut compare.iter().map(Compare::json));
+    body.push(',');
+    list(&mut body, "success", &mut success.iter().map(Op::json));
+    body.push(',');
+    list(&mut body, "failure", &mut failure.iter().map(Op::json));
+    body.push('}');
     Request {
         path: TXN,
         body: body.into_bytes(),

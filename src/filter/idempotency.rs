@@ -54,7 +54,12 @@ std::thread_local! {
     /// This worker's queued etcd writes. A thread local of the VM, not of a root context: it
     /// survives a configuration update (Envoy keeps the VM when only the plugin configuration
     /// changes), and the new root context retries what the old one queued.
-    static OUTBOX: RefCell<Option<Outbox>> = const { RefCell::new(None) };
+    static OUTBOX: RefCell<Outbox> = const { RefCell::new(Outbox::EMPTY) };
+}
+
+/// Runs `f` on this worker's queue (one instantiation of the thread-local access).
+fn with_outbox(f: &mut dyn FnMut(&mut Outbox)) {
+    OUTBOX.with(|q| f(&mut q.borrow_mut()));
 }
 
 /// Per-request state.
@@ -228,16 +233,8 @@ pub fn on_configure(config: &Config, metrics: &Metrics) {
             .as_ref()
             .map_or(0, |i| i.max_response_bytes()),
     );
-    let dropped = OUTBOX.with(|q| {
-        let mut q = q.borrow_mut();
-        match q.as_mut() {
-            Some(q) => q.configure(limits, &tag),
-            None => {
-                *q = Some(Outbox::new(limits, tag.clone()));
-                Vec::new()
-            }
-        }
-    });
+    let mut dropped = Vec::new();
+    with_outbox(&mut |q| dropped = q.configure(limits, &tag));
     if !dropped.is_empty() {
         warn!(
             "handoff: idempotency: the etcd store changed; {} queued completions/releases \
@@ -265,11 +262,7 @@ pub fn on_tick(root: &Root) {
 /// deadline.
 fn flush<C: Context + ?Sized>(ctx: &C, store: &EtcdStore, metrics: &Metrics) {
     let now = now_ms();
-    OUTBOX.with(|q| {
-        let mut q = q.borrow_mut();
-        let Some(q) = q.as_mut() else {
-            return;
-        };
+    with_outbox(&mut |q| {
         for e in q.expire(now, store.timeout_ms + ANSWER_SLACK_MS) {
             metrics.idempotency_retry("expired");
             warn!(
@@ -293,13 +286,13 @@ fn flush<C: Context + ?Sized>(ctx: &C, store: &EtcdStore, metrics: &Metrics) {
 /// Queues a write etcd did not take; counts and logs a drop when the queue is full.
 fn enqueue(metrics: &Metrics, e: Entry) {
     let (owner, write, failed) = (e.owner, e.write, e.tries > 0);
-    let pushed = OUTBOX.with(|q| match q.borrow_mut().as_mut() {
-        Some(q) => {
-            let r = q.push(e).map_err(|_| (q.len(), q.bytes()));
+    let mut e = Some(e);
+    let mut pushed = Err((0, 0));
+    with_outbox(&mut |q| {
+        if let Some(e) = e.take() {
+            pushed = q.push(e).map_err(|_| (q.len(), q.bytes()));
             metrics.idempotency_retry_pending(q.len());
-            r
         }
-        None => Err((0, 0)),
     });
     match pushed {
         Ok(()) if failed => metrics.idempotency_retry("retried"),
@@ -323,7 +316,8 @@ fn queued_answer<C: Context + ?Sized>(
     num_headers: usize,
     body_size: usize,
 ) {
-    let ours = OUTBOX.with(|q| q.borrow().as_ref().is_some_and(|q| q.carries(token)));
+    let mut ours = false;
+    with_outbox(&mut |q| ours = q.carries(token));
     if !ours {
         return;
     }
@@ -332,12 +326,11 @@ fn queued_answer<C: Context + ?Sized>(
         status,
         body: &body,
     };
-    let gone = OUTBOX.with(|q| {
-        let mut q = q.borrow_mut();
-        let q = q.as_mut()?;
-        let gone = q.answered(token, &answer, now_ms());
+    let now = now_ms();
+    let mut gone = None;
+    with_outbox(&mut |q| {
+        gone = q.answered(token, &answer, now);
         metrics.idempotency_retry_pending(q.len());
-        gone
     });
     let (e, settled) = match gone {
         Some(Answered::Gone(Gone::Settled(e, settled))) => (e, settled),

@@ -345,7 +345,7 @@ impl LocalStore {
         shared: &dyn SharedData,
         lock: &LocalLock,
         value: &[u8],
-        mut before: impl FnMut(),
+        before: &dyn Fn(),
     ) -> bool {
         let ours = |v: Option<&[u8]>| {
             v.and_then(Meta::decode).is_some_and(|m| {
@@ -376,7 +376,7 @@ impl LocalStore {
     ) -> bool {
         let done = completed_record(&lock.meta, response.is_some(), now_ms, ttl_ms).encode();
         let tagged = response.map(|r| tagged_response(&lock.meta, r));
-        self.replace_lock(shared, lock, &done, || {
+        self.replace_lock(shared, lock, &done, &|| {
             if let Some(t) = &tagged {
                 // The response entry first, tagged with key and owner: a reader that sees
                 // the completed meta always finds its response.
@@ -388,7 +388,7 @@ impl LocalStore {
     /// Frees the slot if it still holds our lock (5xx, reset, timeout): a retry executes
     /// again. `true` when the slot was freed.
     pub fn release(&self, shared: &dyn SharedData, lock: &LocalLock) -> bool {
-        self.replace_lock(shared, lock, &Meta::free().encode(), || {})
+        self.replace_lock(shared, lock, &Meta::free().encode(), &|| {})
     }
 
     /// The stored response of a completed record found by [`LocalStore::begin`].

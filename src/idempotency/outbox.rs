@@ -15,8 +15,6 @@
 //! The queue is bounded by [`Limits`]; what does not fit is dropped, and the caller counts and
 //! logs each drop.
 
-use std::collections::VecDeque;
-
 use super::etcd::{settle, Settled, Write};
 use super::record::Meta;
 use crate::etcd::{Answer, Request};
@@ -146,7 +144,7 @@ pub enum Gone {
 
 #[derive(Debug)]
 pub struct Outbox {
-    entries: VecDeque<Entry>,
+    entries: Vec<Entry>,
     bytes: usize,
     limits: Limits,
     /// The store settings the entries were written for (cluster, authority, prefix).
@@ -154,9 +152,20 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// Holds nothing until configured.
+    pub const EMPTY: Outbox = Outbox {
+        entries: Vec::new(),
+        bytes: 0,
+        limits: Limits {
+            max_entries: 0,
+            max_bytes: 0,
+        },
+        store: String::new(),
+    };
+
     pub fn new(limits: Limits, store: String) -> Outbox {
         Outbox {
-            entries: VecDeque::new(),
+            entries: Vec::new(),
             bytes: 0,
             limits,
             store,
@@ -203,7 +212,7 @@ impl Outbox {
             return Err(e);
         }
         self.bytes += e.bytes();
-        self.entries.push_back(e);
+        self.entries.push(e);
         Ok(())
     }
 
@@ -280,7 +289,7 @@ impl Outbox {
     }
 
     fn remove(&mut self, i: usize) -> Entry {
-        let e = self.entries.remove(i).expect("index in range");
+        let e = self.entries.remove(i);
         self.bytes -= e.bytes();
         e
     }
