@@ -11,7 +11,10 @@ mod support;
 
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use support::etcd::{outcome, two_envoys, Etcd};
+use support::etcd::{
+    idempotency_config, idempotency_envoy, idempotency_opts, outcome, two_envoys, Etcd,
+};
+use support::lds::{Lds, Push};
 use support::{h1, h2, Backend, Envoy};
 
 const PAY: &str = "/api/v1/payments";
@@ -182,6 +185,42 @@ async fn a_completion_etcd_missed_while_crashed_is_stored_after_its_restart() {
     }
     assert_eq!(backend.executions().await["crashed-1"], 1);
     assert_eq!(etcd_count(&etcd).await, 1, "one completed record");
+}
+
+/// A configuration update with the same store settings while a completion is queued: the new
+/// configuration's root context stores it (the queue lives in the VM, not in a root context).
+#[tokio::test]
+async fn a_queued_completion_survives_a_configuration_update() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start("payments", "v1");
+    let lds = Lds::new();
+    let a = Envoy::start(lds.setup(idempotency_opts(
+        &backend,
+        etcd.client_port,
+        "reject",
+        LOCK_TIMEOUT_S,
+    )))
+    .await;
+    let b = idempotency_envoy(&backend, etcd.client_port, "reject", LOCK_TIMEOUT_S).await;
+    let paid = at_the_app(&backend, &a, "updated-1", "delay_ms=1000").await;
+    etcd.freeze();
+    assert_eq!(paid.await.unwrap(), (201, false));
+    support::wait_for("the write retried", Duration::from_secs(20), || async {
+        (retries(&a, "retried").await == 1.0).then_some(())
+    })
+    .await;
+    // Another configuration, same store: a longer TTL and 5xx responses stored.
+    let mut config = idempotency_config("reject", LOCK_TIMEOUT_S);
+    config["idempotency"]["ttl_s"] = json!(3600);
+    config["idempotency"]["store_5xx"] = json!(true);
+    assert_eq!(lds.push_plugin_config(&a, config).await, Push::Accepted);
+    etcd.thaw();
+    stored(&a, 1.0).await;
+    assert_eq!(retries(&a, "dropped").await, 0.0);
+    let r = post(&h2(), b.url(&format!("{PAY}?delay_ms=1000")), "updated-1").await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(backend.executions().await["updated-1"], 1);
 }
 
 async fn etcd_count(etcd: &Etcd) -> u64 {
