@@ -1,5 +1,6 @@
 use super::*;
-use crate::config::Config;
+use crate::config::translate::RawTranslate;
+use crate::config::{Config, ConfigError};
 use proptest::prelude::*;
 use serde_json::json;
 
