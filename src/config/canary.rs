@@ -110,52 +110,11 @@ impl RawCanary {
         check_header_name(&self.route_header).map_err(|m| ConfigError::new("route_header", m))?;
         let allow = id_set(self.allow, "allow")?;
         let deny = id_set(self.deny, "deny")?;
-        let anonymous_cookie = match self.anonymous_cookie {
-            Some(c) => {
-                if !is_cookie_name(&c.name) {
-                    return Err(ConfigError::new(
-                        "anonymous_cookie.name",
-                        format!(
-                            "expected a cookie name (token characters), got {:?}",
-                            c.name
-                        ),
-                    ));
-                }
-                if c.max_age_s == 0 {
-                    return Err(ConfigError::new(
-                        "anonymous_cookie.max_age_s",
-                        "expected a positive number of seconds",
-                    ));
-                }
-                Some(AnonymousCookie {
-                    name: c.name,
-                    max_age_s: c.max_age_s,
-                })
-            }
-            None => None,
-        };
-        let override_ = match self.override_ {
-            Some(o) => {
-                check_header_name(&o.header).map_err(|m| ConfigError::new("override.header", m))?;
-                if o.header == self.route_header {
-                    return Err(ConfigError::new(
-                        "override.header",
-                        "expected a header other than route_header",
-                    ));
-                }
-                if o.secret.len() < 8 {
-                    return Err(ConfigError::new(
-                        "override.secret",
-                        "expected a secret of at least 8 characters",
-                    ));
-                }
-                Some(Override {
-                    header: o.header,
-                    secret: o.secret.into_bytes(),
-                })
-            }
-            None => None,
-        };
+        let anonymous_cookie = self.anonymous_cookie.map(|c| c.validate()).transpose()?;
+        let override_ = self
+            .override_
+            .map(|o| o.validate(&self.route_header))
+            .transpose()?;
         Ok(Canary {
             salt: self.salt,
             percent: p,
@@ -167,6 +126,52 @@ impl RawCanary {
             anonymous_cookie,
             override_,
             response_header: self.response_header,
+        })
+    }
+}
+
+impl RawAnonymousCookie {
+    fn validate(self) -> Result<AnonymousCookie, ConfigError> {
+        if !is_cookie_name(&self.name) {
+            return Err(ConfigError::new(
+                "anonymous_cookie.name",
+                format!(
+                    "expected a cookie name (token characters), got {:?}",
+                    self.name
+                ),
+            ));
+        }
+        if self.max_age_s == 0 {
+            return Err(ConfigError::new(
+                "anonymous_cookie.max_age_s",
+                "expected a positive number of seconds",
+            ));
+        }
+        Ok(AnonymousCookie {
+            name: self.name,
+            max_age_s: self.max_age_s,
+        })
+    }
+}
+
+impl RawOverride {
+    fn validate(self, route_header: &str) -> Result<Override, ConfigError> {
+        check_header_name(&self.header).map_err(|m| ConfigError::new("override.header", m))?;
+        if self.header == route_header {
+            return Err(ConfigError::new(
+                "override.header",
+                "expected a header other than route_header",
+            ));
+        }
+        if self.secret.len() < 8 {
+            return Err(ConfigError::new(
+                "override.secret",
+                "expected a secret of at least 8 characters",
+            ));
+        }
+        Ok(Override {
+            header: self.header,
+            secret: self.secret.into_bytes(),
         })
     }
 }

@@ -149,26 +149,7 @@ impl RawDrain {
                 "expected at least one trigger: `admin`, `upstream_signal` or `readiness`",
             ));
         }
-        let admin = match self.admin {
-            Some(a) => {
-                check_path(&a.path).map_err(|m| ConfigError::new("admin.path", m))?;
-                let token_sha256 = match a.token_sha256 {
-                    Some(t) => Some(parse_sha256_hex(&t).ok_or_else(|| {
-                        ConfigError::new(
-                            "admin.token_sha256",
-                            "expected 64 hex digits (the SHA-256 of the bearer token, \
-                             e.g. `printf %s \"$TOKEN\" | sha256sum`)",
-                        )
-                    })?),
-                    None => None,
-                };
-                Some(Admin {
-                    path: a.path,
-                    token_sha256,
-                })
-            }
-            None => None,
-        };
+        let admin = self.admin.map(RawAdmin::validate).transpose()?;
         let upstream_signal = match self.upstream_signal {
             Some(s) => {
                 check_header_name(&s.header)
@@ -177,42 +158,7 @@ impl RawDrain {
             }
             None => None,
         };
-        let readiness = match self.readiness {
-            Some(r) => {
-                check_cluster(&r.cluster).map_err(|m| ConfigError::new("readiness.cluster", m))?;
-                check_path(&r.path).map_err(|m| ConfigError::new("readiness.path", m))?;
-                if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&r.interval_ms) {
-                    return Err(ConfigError::new(
-                        "readiness.interval_ms",
-                        format!(
-                            "expected {MIN_INTERVAL_MS} to {MAX_INTERVAL_MS} milliseconds, got {}",
-                            r.interval_ms
-                        ),
-                    ));
-                }
-                if !(1..=100).contains(&r.failure_threshold) {
-                    return Err(ConfigError::new(
-                        "readiness.failure_threshold",
-                        format!("expected 1 to 100, got {}", r.failure_threshold),
-                    ));
-                }
-                let authority = r.authority.unwrap_or_else(|| r.cluster.clone());
-                if authority.is_empty() || authority.bytes().any(|b| b <= b' ' || b == b'/') {
-                    return Err(ConfigError::new(
-                        "readiness.authority",
-                        format!("expected a host name such as \"app\", got {authority:?}"),
-                    ));
-                }
-                Some(Readiness {
-                    cluster: r.cluster,
-                    authority,
-                    path: r.path,
-                    interval_ms: r.interval_ms,
-                    failure_threshold: r.failure_threshold,
-                })
-            }
-            None => None,
-        };
+        let readiness = self.readiness.map(RawReadiness::validate).transpose()?;
         let envoy_admin_cluster = match self.envoy_admin {
             Some(e) => {
                 check_cluster(&e.cluster)
@@ -250,6 +196,62 @@ impl RawDrain {
             grace_s: self.grace_s,
             reconnect_jitter_ms: self.reconnect_jitter_ms,
             retry_after_s: self.retry_after_s,
+        })
+    }
+}
+
+impl RawAdmin {
+    fn validate(self) -> Result<Admin, ConfigError> {
+        check_path(&self.path).map_err(|m| ConfigError::new("admin.path", m))?;
+        let token_sha256 = match self.token_sha256 {
+            Some(t) => Some(parse_sha256_hex(&t).ok_or_else(|| {
+                ConfigError::new(
+                    "admin.token_sha256",
+                    "expected 64 hex digits (the SHA-256 of the bearer token, \
+                     e.g. `printf %s \"$TOKEN\" | sha256sum`)",
+                )
+            })?),
+            None => None,
+        };
+        Ok(Admin {
+            path: self.path,
+            token_sha256,
+        })
+    }
+}
+
+impl RawReadiness {
+    fn validate(self) -> Result<Readiness, ConfigError> {
+        check_cluster(&self.cluster).map_err(|m| ConfigError::new("readiness.cluster", m))?;
+        check_path(&self.path).map_err(|m| ConfigError::new("readiness.path", m))?;
+        if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&self.interval_ms) {
+            return Err(ConfigError::new(
+                "readiness.interval_ms",
+                format!(
+                    "expected {MIN_INTERVAL_MS} to {MAX_INTERVAL_MS} milliseconds, got {}",
+                    self.interval_ms
+                ),
+            ));
+        }
+        if !(1..=100).contains(&self.failure_threshold) {
+            return Err(ConfigError::new(
+                "readiness.failure_threshold",
+                format!("expected 1 to 100, got {}", self.failure_threshold),
+            ));
+        }
+        let authority = self.authority.unwrap_or_else(|| self.cluster.clone());
+        if authority.is_empty() || authority.bytes().any(|b| b <= b' ' || b == b'/') {
+            return Err(ConfigError::new(
+                "readiness.authority",
+                format!("expected a host name such as \"app\", got {authority:?}"),
+            ));
+        }
+        Ok(Readiness {
+            cluster: self.cluster,
+            authority,
+            path: self.path,
+            interval_ms: self.interval_ms,
+            failure_threshold: self.failure_threshold,
         })
     }
 }

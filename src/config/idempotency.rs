@@ -170,34 +170,7 @@ impl RawIdempotency {
                 ));
             }
         }
-        if self.methods.is_empty() {
-            return Err(ConfigError::new(
-                "methods",
-                "expected at least one method such as \"POST\"",
-            ));
-        }
-        for (i, m) in self.methods.iter().enumerate() {
-            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-                return Err(ConfigError::new(
-                    format!("methods[{i}]"),
-                    format!("expected an uppercase HTTP method such as \"POST\", got {m:?}"),
-                ));
-            }
-        }
-        if self.path_prefixes.is_empty() {
-            return Err(ConfigError::new(
-                "path_prefixes",
-                "expected at least one prefix such as \"/\"",
-            ));
-        }
-        for (i, p) in self.path_prefixes.iter().enumerate() {
-            if !p.starts_with('/') {
-                return Err(ConfigError::new(
-                    format!("path_prefixes[{i}]"),
-                    format!("expected a path starting with '/', got {p:?}"),
-                ));
-            }
-        }
+        check_matching(&self.methods, &self.path_prefixes)?;
         if !(1..=MAX_KEY_LENGTH_LIMIT).contains(&self.max_key_length) {
             return Err(ConfigError::new(
                 "max_key_length",
@@ -242,92 +215,131 @@ impl RawIdempotency {
     }
 }
 
+/// The requests the section applies to: `methods` and `path_prefixes`.
+fn check_matching(methods: &[String], path_prefixes: &[String]) -> Result<(), ConfigError> {
+    if methods.is_empty() {
+        return Err(ConfigError::new(
+            "methods",
+            "expected at least one method such as \"POST\"",
+        ));
+    }
+    for (i, m) in methods.iter().enumerate() {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(ConfigError::new(
+                format!("methods[{i}]"),
+                format!("expected an uppercase HTTP method such as \"POST\", got {m:?}"),
+            ));
+        }
+    }
+    if path_prefixes.is_empty() {
+        return Err(ConfigError::new(
+            "path_prefixes",
+            "expected at least one prefix such as \"/\"",
+        ));
+    }
+    for (i, p) in path_prefixes.iter().enumerate() {
+        if !p.starts_with('/') {
+            return Err(ConfigError::new(
+                format!("path_prefixes[{i}]"),
+                format!("expected a path starting with '/', got {p:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl RawStore {
     fn validate(self) -> Result<Store, ConfigError> {
-        let other = |key: &str, kind: &str| {
-            ConfigError::new(
-                format!("store.{key}"),
-                format!("`{key}` applies to the {kind} store only"),
-            )
-        };
         let max_response_bytes = self
             .max_response_bytes
             .unwrap_or_else(default_max_response_bytes);
         check_response_limit(max_response_bytes)?;
         match self.kind {
-            StoreKind::Local => {
-                for (key, set) in [
-                    ("cluster", self.cluster.is_some()),
-                    ("authority", self.authority.is_some()),
-                    ("prefix", self.prefix.is_some()),
-                    ("timeout_ms", self.timeout_ms.is_some()),
-                    ("on_error", self.on_error.is_some()),
-                ] {
-                    if set {
-                        return Err(other(key, "etcd"));
-                    }
-                }
-                let max_entries = self.max_entries.unwrap_or_else(default_max_entries);
-                if !(1..=MAX_ENTRIES_LIMIT).contains(&max_entries) {
-                    return Err(ConfigError::new(
-                        "store.max_entries",
-                        format!("expected 1 to {MAX_ENTRIES_LIMIT}, got {max_entries}"),
-                    ));
-                }
-                Ok(Store::Local {
-                    max_entries,
-                    max_response_bytes,
-                    when_full: self.when_full.unwrap_or_default(),
-                })
-            }
-            StoreKind::Etcd => {
-                if self.max_entries.is_some() {
-                    return Err(other("max_entries", "local"));
-                }
-                if self.when_full.is_some() {
-                    return Err(other("when_full", "local"));
-                }
-                let cluster = self.cluster.unwrap_or_else(default_cluster);
-                if cluster.is_empty() {
-                    return Err(ConfigError::new(
-                        "store.cluster",
-                        "expected the name of the Envoy cluster that reaches etcd",
-                    ));
-                }
-                let authority = self.authority.unwrap_or_else(default_cluster);
-                if authority.is_empty() {
-                    return Err(ConfigError::new(
-                        "store.authority",
-                        "expected a non-empty :authority for requests to etcd",
-                    ));
-                }
-                let prefix = self.prefix.unwrap_or_else(default_prefix);
-                if !prefix.starts_with('/') || prefix.len() > 128 {
-                    return Err(ConfigError::new(
-                        "store.prefix",
-                        format!(
-                            "expected a key prefix starting with '/' (at most 128 bytes), got {prefix:?}"
-                        ),
-                    ));
-                }
-                let timeout_ms = self.timeout_ms.unwrap_or_else(default_timeout_ms);
-                if !(1..=60_000).contains(&timeout_ms) {
-                    return Err(ConfigError::new(
-                        "store.timeout_ms",
-                        format!("expected 1 to 60000, got {timeout_ms}"),
-                    ));
-                }
-                Ok(Store::Etcd {
-                    cluster,
-                    authority,
-                    prefix,
-                    timeout_ms,
-                    on_error: self.on_error.unwrap_or_default(),
-                    max_response_bytes,
-                })
-            }
+            StoreKind::Local => self.local(max_response_bytes),
+            StoreKind::Etcd => self.etcd(max_response_bytes),
         }
     }
+
+    fn local(self, max_response_bytes: usize) -> Result<Store, ConfigError> {
+        for (key, set) in [
+            ("cluster", self.cluster.is_some()),
+            ("authority", self.authority.is_some()),
+            ("prefix", self.prefix.is_some()),
+            ("timeout_ms", self.timeout_ms.is_some()),
+            ("on_error", self.on_error.is_some()),
+        ] {
+            if set {
+                return Err(other(key, "etcd"));
+            }
+        }
+        let max_entries = self.max_entries.unwrap_or_else(default_max_entries);
+        if !(1..=MAX_ENTRIES_LIMIT).contains(&max_entries) {
+            return Err(ConfigError::new(
+                "store.max_entries",
+                format!("expected 1 to {MAX_ENTRIES_LIMIT}, got {max_entries}"),
+            ));
+        }
+        Ok(Store::Local {
+            max_entries,
+            max_response_bytes,
+            when_full: self.when_full.unwrap_or_default(),
+        })
+    }
+
+    fn etcd(self, max_response_bytes: usize) -> Result<Store, ConfigError> {
+        if self.max_entries.is_some() {
+            return Err(other("max_entries", "local"));
+        }
+        if self.when_full.is_some() {
+            return Err(other("when_full", "local"));
+        }
+        let cluster = self.cluster.unwrap_or_else(default_cluster);
+        if cluster.is_empty() {
+            return Err(ConfigError::new(
+                "store.cluster",
+                "expected the name of the Envoy cluster that reaches etcd",
+            ));
+        }
+        let authority = self.authority.unwrap_or_else(default_cluster);
+        if authority.is_empty() {
+            return Err(ConfigError::new(
+                "store.authority",
+                "expected a non-empty :authority for requests to etcd",
+            ));
+        }
+        let prefix = self.prefix.unwrap_or_else(default_prefix);
+        if !prefix.starts_with('/') || prefix.len() > 128 {
+            return Err(ConfigError::new(
+                "store.prefix",
+                format!(
+                    "expected a key prefix starting with '/' (at most 128 bytes), got {prefix:?}"
+                ),
+            ));
+        }
+        let timeout_ms = self.timeout_ms.unwrap_or_else(default_timeout_ms);
+        if !(1..=60_000).contains(&timeout_ms) {
+            return Err(ConfigError::new(
+                "store.timeout_ms",
+                format!("expected 1 to 60000, got {timeout_ms}"),
+            ));
+        }
+        Ok(Store::Etcd {
+            cluster,
+            authority,
+            prefix,
+            timeout_ms,
+            on_error: self.on_error.unwrap_or_default(),
+            max_response_bytes,
+        })
+    }
+}
+
+/// A key set for the other kind of store.
+fn other(key: &str, kind: &str) -> ConfigError {
+    ConfigError::new(
+        format!("store.{key}"),
+        format!("`{key}` applies to the {kind} store only"),
+    )
 }
 
 fn check_response_limit(n: usize) -> Result<(), ConfigError> {

@@ -298,91 +298,23 @@ impl RawRoute {
 fn validate_entries(raw: Vec<RawEntry>) -> Result<Vec<Entry>, ConfigError> {
     let mut entries: Vec<Entry> = Vec::new();
     for (i, r) in raw.into_iter().enumerate() {
-        let at = |field: &str| {
-            if field.is_empty() {
-                format!("[{i}]")
-            } else {
-                format!("[{i}].{field}")
-            }
-        };
-        let parse = |p: &Option<String>, field: &str| {
-            p.as_deref()
-                .map(Pointer::parse)
-                .transpose()
-                .map_err(|m| ConfigError::new(at(field), m))
-        };
-        let v1 = parse(&r.v1, "v1")?;
-        let v2 = parse(&r.v2, "v2")?;
-        match (&v1, &v2) {
-            (None, None) => {
-                return Err(ConfigError::new(
-                    at(""),
-                    "expected `v1`, `v2` or both (JSON Pointers)",
-                ))
-            }
-            (Some(a), Some(b)) if a.wildcards() != b.wildcards() => {
-                return Err(ConfigError::new(
-                    at("v2"),
-                    format!(
-                        "expected as many `*` as in v1 {:?} ({}), got {} in {:?}",
-                        a.text,
-                        a.wildcards(),
-                        b.wildcards(),
-                        b.text
-                    ),
-                ))
-            }
-            (Some(one), None) | (None, Some(one)) => {
-                let (has, missing) = if v1.is_some() {
-                    ("v1", "v2")
-                } else {
-                    ("v2", "v1")
-                };
-                if r.default.is_none() {
-                    return Err(ConfigError::new(
-                        at("default"),
-                        format!(
-                            "an entry with only `{has}` needs a `default` (the value written \
-                             when translating from {missing}), or a `{missing}` pointer"
-                        ),
-                    ));
-                }
-                if r.required {
-                    return Err(ConfigError::new(
-                        at("required"),
-                        format!("`required` needs both pointers (there is no `{missing}` source)"),
-                    ));
-                }
-                if one.wildcards() > 0 {
-                    return Err(ConfigError::new(
-                        at(has),
-                        "an entry with one pointer cannot use `*` (there are no elements to \
-                         follow)",
-                    ));
-                }
-            }
-            _ => {}
-        }
-        let entry = Entry {
-            v1,
-            v2,
-            default: r.default,
-            required: r.required,
-        };
+        let at = format!("[{i}]");
+        let entry = validate_entry(r).map_err(|e| e.within(&at))?;
         // Each side is the target of one direction: no two entries may write the same place.
         for (j, prev) in entries.iter().enumerate() {
             for v in [ApiVersion::V1, ApiVersion::V2] {
                 if let (Some(a), Some(b)) = (prev.side(v), entry.side(v)) {
                     if a.overlaps(b) {
                         return Err(ConfigError::new(
-                            at(v.as_str()),
+                            v.as_str(),
                             format!(
                                 "{:?} writes the same place as [{j}].{} {:?}",
                                 b.text,
                                 v.as_str(),
                                 a.text
                             ),
-                        ));
+                        )
+                        .within(&at));
                     }
                 }
             }
@@ -390,4 +322,72 @@ fn validate_entries(raw: Vec<RawEntry>) -> Result<Vec<Entry>, ConfigError> {
         entries.push(entry);
     }
     Ok(entries)
+}
+
+/// One entry on its own; the paths are relative to it.
+fn validate_entry(r: RawEntry) -> Result<Entry, ConfigError> {
+    let parse = |p: &Option<String>, field: &str| {
+        p.as_deref()
+            .map(Pointer::parse)
+            .transpose()
+            .map_err(|m| ConfigError::new(field, m))
+    };
+    let v1 = parse(&r.v1, "v1")?;
+    let v2 = parse(&r.v2, "v2")?;
+    match (&v1, &v2) {
+        (None, None) => {
+            return Err(ConfigError::new(
+                "",
+                "expected `v1`, `v2` or both (JSON Pointers)",
+            ))
+        }
+        (Some(a), Some(b)) if a.wildcards() != b.wildcards() => {
+            return Err(ConfigError::new(
+                "v2",
+                format!(
+                    "expected as many `*` as in v1 {:?} ({}), got {} in {:?}",
+                    a.text,
+                    a.wildcards(),
+                    b.wildcards(),
+                    b.text
+                ),
+            ))
+        }
+        (Some(one), None) | (None, Some(one)) => {
+            let (has, missing) = if v1.is_some() {
+                ("v1", "v2")
+            } else {
+                ("v2", "v1")
+            };
+            if r.default.is_none() {
+                return Err(ConfigError::new(
+                    "default",
+                    format!(
+                        "an entry with only `{has}` needs a `default` (the value written \
+                         when translating from {missing}), or a `{missing}` pointer"
+                    ),
+                ));
+            }
+            if r.required {
+                return Err(ConfigError::new(
+                    "required",
+                    format!("`required` needs both pointers (there is no `{missing}` source)"),
+                ));
+            }
+            if one.wildcards() > 0 {
+                return Err(ConfigError::new(
+                    has,
+                    "an entry with one pointer cannot use `*` (there are no elements to \
+                     follow)",
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(Entry {
+        v1,
+        v2,
+        default: r.default,
+        required: r.required,
+    })
 }
