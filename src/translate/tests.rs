@@ -1,3 +1,4 @@
+use super::edit::place;
 use super::*;
 use crate::config::translate::RawTranslate;
 use crate::config::{Config, ConfigError};
