@@ -10,12 +10,11 @@ pub mod drain;
 mod error;
 pub mod idempotency;
 mod source;
-mod strict;
+pub(crate) mod strict;
 pub mod translate;
 mod walk;
 
 pub use error::{check_header_name, ConfigError};
-pub(crate) use strict::value as json_value;
 
 use crate::canary::Canary;
 use crate::drain::Drain;

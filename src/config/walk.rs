@@ -13,7 +13,7 @@
 
 use serde_json::{Map, Value};
 
-use super::ConfigError;
+use super::error::ConfigError;
 
 pub(super) type Result<T> = std::result::Result<T, ConfigError>;
 pub(super) type Parse<T> = fn(&Value) -> Result<T>;
