@@ -235,15 +235,8 @@ pub fn on_configure(config: &Config, metrics: &Metrics) {
     );
     let mut dropped = Vec::new();
     with_outbox(&mut |q| dropped = q.configure(limits, &tag));
-    if !dropped.is_empty() {
-        warn!(
-            "handoff: idempotency: the etcd store changed; {} queued completions/releases \
-             dropped (their keys stay locked until lock_timeout_s)",
-            dropped.len()
-        );
-        for _ in &dropped {
-            metrics.idempotency_retry("dropped");
-        }
+    for e in &dropped {
+        report(metrics, "dropped", e, &"the etcd store changed");
     }
     if !tag.is_empty() && config.drain.is_none() {
         let _ = hostcalls::set_tick_period(Duration::from_millis(RETRY_TICK_MS));
@@ -264,15 +257,12 @@ fn flush<C: Context + ?Sized>(ctx: &C, store: &EtcdStore, metrics: &Metrics) {
     let now = now_ms();
     with_outbox(&mut |q| {
         for e in q.expire(now, store.timeout_ms + ANSWER_SLACK_MS) {
-            metrics.idempotency_retry("expired");
-            warn!(
-                "handoff: idempotency: etcd did not take a queued {:?} of lock owner {:x} \
-                 after {} attempts; given up {}ms before the lock expires (the key stays \
-                 locked until lock_timeout_s, then a retry executes again)",
-                e.write,
-                e.owner,
-                e.tries,
-                outbox::margin_ms(store.settings.lock_timeout_ms, store.timeout_ms)
+            report(
+                metrics,
+                "expired",
+                &e,
+                &"given up shortly before its lock expires (the key stays locked until \
+                  lock_timeout_s, then a retry executes again)",
             );
         }
         for (i, request) in q.due(now) {
@@ -285,27 +275,42 @@ fn flush<C: Context + ?Sized>(ctx: &C, store: &EtcdStore, metrics: &Metrics) {
 
 /// Queues a write etcd did not take; counts and logs a drop when the queue is full.
 fn enqueue(metrics: &Metrics, e: Entry) {
-    let (owner, write, failed) = (e.owner, e.write, e.tries > 0);
+    let failed = e.tries > 0;
     let mut e = Some(e);
-    let mut pushed = Err((0, 0));
+    let mut refused = None;
     with_outbox(&mut |q| {
         if let Some(e) = e.take() {
-            pushed = q.push(e).map_err(|_| (q.len(), q.bytes()));
+            refused = q.push(e).err();
             metrics.idempotency_retry_pending(q.len());
         }
     });
-    match pushed {
-        Ok(()) if failed => metrics.idempotency_retry("retried"),
-        Ok(()) => {}
-        Err((len, bytes)) => {
-            metrics.idempotency_retry("dropped");
-            warn!(
-                "handoff: idempotency: retry queue full ({len} entries, {bytes} bytes); the \
-                 {write:?} of lock owner {owner:x} is dropped (the key stays locked until \
-                 lock_timeout_s)"
-            );
-        }
+    match refused {
+        Some(e) => report(
+            metrics,
+            "dropped",
+            &e,
+            &"retry queue full (the key stays locked until lock_timeout_s)",
+        ),
+        None if failed => metrics.idempotency_retry("retried"),
+        None => {}
     }
+}
+
+/// Counts `outcome` for a queued write and logs it (`stored` at info, the rest at warn).
+fn report(metrics: &Metrics, outcome: &'static str, e: &Entry, detail: &dyn std::fmt::Display) {
+    metrics.idempotency_retry(outcome);
+    let level = if outcome == "stored" {
+        log::Level::Info
+    } else {
+        log::Level::Warn
+    };
+    log::log!(
+        level,
+        "handoff: idempotency: {} of lock owner {:x} after {} attempts: {outcome}: {detail}",
+        e.write.as_str(),
+        e.owner,
+        e.tries
+    );
 }
 
 /// A callout answer that may be one of the queue's.
@@ -332,8 +337,7 @@ fn queued_answer<C: Context + ?Sized>(
         gone = q.answered(token, &answer, now);
         metrics.idempotency_retry_pending(q.len());
     });
-    let (e, settled) = match gone {
-        Some(Answered::Gone(Gone::Settled(e, settled))) => (e, settled),
+    match gone {
         Some(Answered::Retrying {
             error,
             first: true,
@@ -347,35 +351,15 @@ fn queued_answer<C: Context + ?Sized>(
                  retrying with backoff until timeout_ms + lock_timeout_s/4 before its lock \
                  expires"
             );
-            return;
         }
-        _ => return,
-    };
-    match settled {
-        // A write queued only to be confirmed (its request ended before etcd's answer).
-        Settled::Done if e.tries == 0 => {}
-        Settled::Done => {
-            metrics.idempotency_retry("stored");
-            info!(
-                "handoff: idempotency: queued {:?} of lock owner {:x} stored after {} attempts",
-                e.write, e.owner, e.tries
-            );
-        }
-        Settled::Lost => {
-            metrics.idempotency_retry("lost");
-            warn!(
-                "handoff: idempotency: queued {:?} of lock owner {:x}: the lock was taken over \
-                 meanwhile; not stored",
-                e.write, e.owner
-            );
-        }
-        Settled::Failed(err) | Settled::Retry(err) => {
-            metrics.idempotency_retry("failed");
-            warn!(
-                "handoff: idempotency: queued {:?} of lock owner {:x} refused by etcd: {err}",
-                e.write, e.owner
-            );
-        }
+        Some(Answered::Gone(Gone::Settled(e, settled))) => match settled {
+            // A write queued only to be confirmed (its request ended before etcd's answer).
+            Settled::Done if e.tries == 0 => {}
+            Settled::Done => report(metrics, "stored", &e, &"etcd took it"),
+            Settled::Lost => report(metrics, "lost", &e, &"the lock was taken over; not stored"),
+            Settled::Failed(err) | Settled::Retry(err) => report(metrics, "failed", &e, &err),
+        },
+        _ => {}
     }
 }
 
@@ -704,14 +688,16 @@ fn written(http: &mut Http, w: PendingWrite, answer: &Answer) {
         ),
         Settled::Retry(e) => {
             warn!(
-                "handoff[{}]: idempotency: etcd did not take the {:?} ({e}); queued for retry",
-                http.context_id, w.write
+                "handoff[{}]: idempotency: etcd did not take the {} ({e}); queued for retry",
+                http.context_id,
+                w.write.as_str()
             );
             enqueue(&http.metrics, w.entry(now_ms(), true));
         }
         Settled::Failed(e) => warn!(
-            "handoff[{}]: idempotency: etcd refused the {:?}: {e}; not stored",
-            http.context_id, w.write
+            "handoff[{}]: idempotency: etcd refused the {}: {e}; not stored",
+            http.context_id,
+            w.write.as_str()
         ),
     }
 }

@@ -276,6 +276,15 @@ pub enum Write {
     Release,
 }
 
+impl Write {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Write::Complete => "completion",
+            Write::Release => "release",
+        }
+    }
+}
+
 /// The completion of `lock`: the response when it is given (it fit `max_response_bytes`),
 /// else the key stays completed without a response (`idempotency-not-replayable`).
 pub fn complete(
