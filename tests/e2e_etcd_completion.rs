@@ -187,6 +187,39 @@ async fn a_completion_etcd_missed_while_crashed_is_stored_after_its_restart() {
     assert_eq!(etcd_count(&etcd).await, 1, "one completed record");
 }
 
+/// An upstream reset leaves no response to store: the lock is released, and a release etcd
+/// missed is queued and retried like a completion, so a retry executes again long before
+/// `lock_timeout_s`.
+#[tokio::test]
+async fn a_release_etcd_missed_after_a_reset_is_retried() {
+    let (etcd, backend, a, b) = two_envoys("reject", LOCK_TIMEOUT_S).await;
+    let started = Instant::now();
+    let query = "delay_ms=1000&reset=1";
+    let cut = at_the_app(&backend, &a, "reset-1", query).await;
+    etcd.freeze();
+    let _ = cut.await;
+    support::wait_for("the release retried", Duration::from_secs(20), || async {
+        (retries(&a, "retried").await == 1.0).then_some(())
+    })
+    .await;
+    retries_while_down_are_refused(&backend, [&a, &b], "reset-1", query).await;
+    etcd.thaw();
+    stored(&a, 1.0).await;
+    // The key is free: the retry is forwarded (and reset again by the app).
+    let r = h1()
+        .post(b.url(&format!("{PAY}?{query}")))
+        .header("idempotency-key", "reset-1")
+        .json(&payment(5))
+        .send()
+        .await;
+    if let Ok(r) = r {
+        assert_ne!(r.status(), 409, "released, not in flight");
+        let _ = r.bytes().await;
+    }
+    assert_eq!(backend.executions().await["reset-1"], 2);
+    assert!(started.elapsed() < Duration::from_secs(LOCK_TIMEOUT_S));
+}
+
 /// A configuration update with the same store settings while a completion is queued: the new
 /// configuration's root context stores it (the queue lives in the VM, not in a root context).
 #[tokio::test]

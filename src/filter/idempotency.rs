@@ -860,7 +860,7 @@ fn complete(http: &mut Http) -> Action {
 }
 
 /// Gives the key back (5xx, reset, timeout): a retry executes again. `ending`: the stream is
-/// over, so the release is queued and sent from here without waiting for its answer.
+/// over, so the release is queued for the root context to send.
 fn release(http: &mut Http, ending: bool) {
     let config = http.config.clone();
     let Some(idem) = config.idempotency.as_ref() else {
@@ -893,9 +893,9 @@ fn release(http: &mut Http, ending: bool) {
                     request,
                     deadline_ms: outbox::deadline_ms(&lock.meta, store.timeout_ms),
                 };
+                // Sent by the root context at its next tick: an answer to a callout made here
+                // would be lost with this context.
                 enqueue(&http.metrics, w.entry(now_ms(), false));
-                let metrics = http.metrics.clone();
-                flush(&*http, &store, &metrics);
             } else {
                 send_write(http, &store, &lock, Write::Release, request);
             }
