@@ -216,6 +216,7 @@ impl FakeEtcd {
         match c["target"].as_str() {
             Some("CREATE") => e.map_or(0, |e| e.create_revision) == int(&c["create_revision"]),
             Some("MOD") => e.map_or(0, |e| e.mod_revision) == int(&c["mod_revision"]),
+            Some("VALUE") => e.is_some_and(|e| e.value == bytes(&c["value"])),
             _ => false,
         }
     }

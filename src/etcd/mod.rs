@@ -34,6 +34,8 @@ pub enum Compare<'a> {
     ModRevision(&'a str, i64),
     /// The key was created at this revision (it was not deleted and created again since).
     CreateRevision(&'a str, i64),
+    /// The key holds exactly this value.
+    Value(&'a str, &'a [u8]),
 }
 
 /// A transaction operation on one key.
@@ -67,13 +69,14 @@ fn key_field(key: &str) -> String {
 
 impl Compare<'_> {
     fn json(&self) -> String {
-        let (key, target, field, rev) = match *self {
-            Compare::Absent(k) => (k, "CREATE", "create_revision", 0),
-            Compare::ModRevision(k, r) => (k, "MOD", "mod_revision", r),
-            Compare::CreateRevision(k, r) => (k, "CREATE", "create_revision", r),
+        let (key, target, field, expected) = match *self {
+            Compare::Absent(k) => (k, "CREATE", "create_revision", "0".to_string()),
+            Compare::ModRevision(k, r) => (k, "MOD", "mod_revision", r.to_string()),
+            Compare::CreateRevision(k, r) => (k, "CREATE", "create_revision", r.to_string()),
+            Compare::Value(k, v) => (k, "VALUE", "value", b64_encode(v)),
         };
         format!(
-            r#"{{{},"result":"EQUAL","target":"{target}","{field}":"{rev}"}}"#,
+            r#"{{{},"result":"EQUAL","target":"{target}","{field}":"{expected}"}}"#,
             key_field(key)
         )
     }

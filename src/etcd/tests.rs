@@ -48,8 +48,14 @@ fn txn_shape() {
         v["failure"][1]["request_delete_range"]["key"],
         STANDARD.encode("/p/j")
     );
-    let v = json(&txn(&[Compare::CreateRevision("/k", 3)], &[], &[]));
+    let v = json(&txn(
+        &[Compare::CreateRevision("/k", 3), Compare::Value("/k", b"v")],
+        &[],
+        &[],
+    ));
     assert_eq!(v["compare"][0]["create_revision"], "3");
+    assert_eq!(v["compare"][1]["target"], "VALUE");
+    assert_eq!(v["compare"][1]["value"], STANDARD.encode("v"));
     assert_eq!(v["success"], serde_json::json!([]));
 }
 

@@ -906,11 +906,26 @@ fn release(http: &mut Http, ending: bool) {
 
 /// The stream is over. A lock still held means the upstream never completed a response
 /// (reset, timeout, client gone): release it. A write still waiting for etcd will not get its
-/// answer here: it is queued, so the root context confirms it.
+/// answer here: it is queued, so the root context confirms it; a lock transaction still out is
+/// undone the same way.
 pub fn on_log(http: &mut Http) {
+    let timeout_ms = http
+        .config
+        .idempotency
+        .as_ref()
+        .and_then(etcd_store)
+        .map_or(0, |s| s.timeout_ms);
     let waiting = http.idempotency.as_mut().and_then(|p| {
         match std::mem::replace(&mut p.phase, Phase::Done) {
             Phase::Writing { write, .. } => Some(write),
+            // The client left while the lock transaction was out: release what it may have
+            // written, or the key would stay locked until lock_timeout_s.
+            Phase::Locking { flow, .. } => flow.abandon().map(|(request, meta)| PendingWrite {
+                write: Write::Release,
+                owner: meta.owner,
+                request,
+                deadline_ms: outbox::deadline_ms(&meta, timeout_ms),
+            }),
             other => {
                 p.phase = other;
                 None

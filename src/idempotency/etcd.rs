@@ -259,6 +259,21 @@ impl LockFlow {
         }
     }
 
+    /// The request went away while its lock transaction was out (the client left): the
+    /// release of whatever that transaction wrote, to send without waiting for its answer.
+    /// It deletes the key only if it still holds the exact record this flow wrote, so it is
+    /// harmless when the transaction failed or someone else holds the key. `None` when no
+    /// lock transaction was out. The lock record, for the release's deadline, comes with it.
+    pub fn abandon(&self) -> Option<(Request, Meta)> {
+        let Stage::Lock { meta, .. } = &self.stage else {
+            return None;
+        };
+        let key = self.key.as_str();
+        let value = encode_full(meta, None);
+        let request = etcd::txn(&[Compare::Value(key, &value)], &[Op::Delete(key)], &[]);
+        Some((request, meta.clone()))
+    }
+
     /// The flow ends here because the request could not be sent (the cluster is unknown):
     /// the same decision as an etcd failure.
     pub fn unsent(&mut self, s: &Settings, leases: &mut LeaseCache) -> Next {

@@ -288,3 +288,33 @@ fn settling_completions_and_releases() {
     let got = etcd.call(&complete(&lock, Some(&resp()), 1002, TTL));
     assert_eq!(settle(Write::Complete, 1, &answer(&got)), Settled::Lost);
 }
+
+#[test]
+fn a_request_gone_during_its_lock_transaction_releases_only_its_own_record() {
+    let etcd = FakeEtcd::new();
+    let mut leases = LeaseCache::default();
+    leases.granted(etcd_lease(&etcd), 0);
+    let (flow, next) = LockFlow::start(&REJECT, KEY, FP, 1, 1000, &leases);
+    let Next::Send(lock_txn) = next else {
+        panic!("the lock transaction")
+    };
+    // The transaction reaches etcd, but the client has gone before its answer.
+    etcd.apply_silently(&lock_txn);
+    let (release, meta) = flow.abandon().expect("a lock transaction was out");
+    assert_eq!(meta.owner, 1);
+    let got = etcd.call(&release);
+    assert_eq!(settle(Write::Release, 1, &answer(&got)), Settled::Done);
+    assert!(etcd.is_empty(), "freed at once, not after lock_timeout_s");
+    // Someone else's lock under the key is left alone.
+    let theirs = locked(run(&etcd, &REJECT, 2, FP, 1000, &mut leases).0);
+    etcd.call(&release);
+    assert_eq!(etcd.mod_revision(&key()), Some(theirs.revision));
+    // Before the lock transaction (a lease grant out) there is nothing to release.
+    let (flow, _) = LockFlow::start(&REJECT, KEY, FP, 3, 0, &LeaseCache::default());
+    assert!(flow.abandon().is_none());
+}
+
+fn etcd_lease(etcd: &FakeEtcd) -> i64 {
+    let got = etcd.call(&crate::etcd::lease_grant(60));
+    crate::etcd::parse_lease_grant(&answer(&got)).unwrap().id
+}
