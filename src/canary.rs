@@ -11,6 +11,7 @@ use sha2::Sha256;
 use std::collections::HashSet;
 
 use crate::config::{check_header_name, ConfigError};
+use crate::guard::{Guard, RawGuard};
 use crate::source::{cookie_value, RequestView, Source, MAX_VALUE_LEN};
 
 pub const BUCKETS: u32 = 10_000;
@@ -49,6 +50,8 @@ pub enum Reason {
     Override,
     Anonymous,
     Unidentified,
+    /// The guard aborted the canary: stable for everyone but a signed override.
+    Aborted,
 }
 
 impl Reason {
@@ -60,16 +63,18 @@ impl Reason {
             Reason::Override => "override",
             Reason::Anonymous => "anonymous",
             Reason::Unidentified => "unidentified",
+            Reason::Aborted => "aborted",
         }
     }
 
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::Hash,
         Reason::Allow,
         Reason::Deny,
         Reason::Override,
         Reason::Anonymous,
         Reason::Unidentified,
+        Reason::Aborted,
     ];
 }
 
@@ -108,6 +113,8 @@ pub struct RawCanary {
     pub override_: Option<RawOverride>,
     #[serde(default)]
     pub response_header: bool,
+    /// Judges the canary against stable and aborts it on a regression.
+    pub guard: Option<RawGuard>,
 }
 
 pub(crate) fn default_route_header() -> String {
@@ -148,6 +155,7 @@ pub struct Canary {
     pub anonymous_cookie: Option<AnonymousCookie>,
     pub override_: Option<Override>,
     pub response_header: bool,
+    pub guard: Option<Guard>,
 }
 
 #[derive(Debug, Clone)]
@@ -238,6 +246,10 @@ impl RawCanary {
             }
             None => None,
         };
+        let guard = self
+            .guard
+            .map(|g| g.validate().map_err(|e| e.within("guard")))
+            .transpose()?;
         Ok(Canary {
             salt: self.salt,
             percent: p,
@@ -249,6 +261,7 @@ impl RawCanary {
             anonymous_cookie,
             override_,
             response_header: self.response_header,
+            guard,
         })
     }
 }
@@ -284,6 +297,19 @@ pub struct Assignment {
     pub set_cookie: Option<String>,
     /// An override header was present but its signature did not verify.
     pub override_rejected: bool,
+}
+
+impl Assignment {
+    /// The assignment once the guard aborted the canary: stable whatever the hash or the allow
+    /// list; a signed override still holds (operators debug the canary with it), and a request
+    /// without a user id keeps its reason.
+    pub fn aborted(mut self) -> Assignment {
+        if !matches!(self.reason, Reason::Override | Reason::Unidentified) {
+            self.variant = Variant::Stable;
+            self.reason = Reason::Aborted;
+        }
+        self
+    }
 }
 
 impl Canary {

@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use super::{ConfigError, RawConfig};
 use crate::canary::{self, RawAnonymousCookie, RawCanary, RawOverride};
 use crate::drain::{self, RawAdmin, RawDrain, RawEnvoyAdmin, RawReadiness, RawUpstreamSignal};
+use crate::guard::{self, RawGuard, RawGuardAdmin, RawLatency};
 use crate::idempotency::{self, OnError, RawIdempotency, RawStore, StoreKind, WhenFull};
 use crate::source::Source;
 use crate::translate::{
@@ -54,6 +55,7 @@ fn canary(v: &Value) -> Result<RawCanary> {
             "anonymous_cookie",
             "override",
             "response_header",
+            "guard",
         ],
     )?;
     Ok(RawCanary {
@@ -78,6 +80,45 @@ fn canary(v: &Value) -> Result<RawCanary> {
             })
         })?,
         response_header: o.or("response_header", boolean, bool::default)?,
+        guard: o.opt("guard", guard)?,
+    })
+}
+
+fn guard(v: &Value) -> Result<RawGuard> {
+    let o = object(
+        v,
+        "RawGuard",
+        &[
+            "window_s",
+            "min_requests",
+            "max_error_rate",
+            "max_error_ratio",
+            "latency",
+            "bad_windows",
+            "admin",
+        ],
+    )?;
+    Ok(RawGuard {
+        window_s: o.or("window_s", u32_, guard::default_window_s)?,
+        min_requests: o.or("min_requests", u64_, guard::default_min_requests)?,
+        max_error_rate: o.or("max_error_rate", float, guard::default_max_error_rate)?,
+        max_error_ratio: o.or("max_error_ratio", float, guard::default_max_error_ratio)?,
+        latency: o.opt("latency", |v| {
+            let o = object(v, "RawLatency", &["quantile", "max_ms", "max_ratio"])?;
+            Ok(RawLatency {
+                quantile: o.or("quantile", float, guard::default_quantile)?,
+                max_ms: o.or("max_ms", u64_, guard::default_max_ms)?,
+                max_ratio: o.or("max_ratio", float, guard::default_max_ratio)?,
+            })
+        })?,
+        bad_windows: o.or("bad_windows", u32_, guard::default_bad_windows)?,
+        admin: o.opt("admin", |v| {
+            let o = object(v, "RawGuardAdmin", &["path", "token_sha256"])?;
+            Ok(RawGuardAdmin {
+                path: o.or("path", string, guard::default_admin_path)?,
+                token_sha256: o.opt("token_sha256", string)?,
+            })
+        })?,
     })
 }
 
