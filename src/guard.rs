@@ -285,13 +285,13 @@ pub fn experiment_id(salt: &str) -> u64 {
 pub const BUCKETS: usize = 86;
 const FIRST_EXP: u32 = 6; // 2^6 µs = 64 µs
 const OCTAVES: u32 = 21;
-/// 2^(j/4) × 10^12 for j = 1, 2, 3.
-const QUARTERS: [u128; 3] = [1_189_207_115_003, 1_414_213_562_373, 1_681_792_830_507];
-const QUARTER_SCALE: u128 = 1_000_000_000_000;
+/// 2^(j/4) × 2^40 for j = 1, 2, 3, rounded up (the exact values are not integers, so a scaled
+/// value at least this is above the bound).
+const QUARTERS: [u64; 3] = [1_307_547_050_780, 1_554_944_255_988, 1_849_150_772_654];
 const QUARTERS_F: [f64; 4] = [
     1.0,
     1.189_207_115_002_721,
-    1.414_213_562_373_095,
+    std::f64::consts::SQRT_2,
     1.681_792_830_507_429,
 ];
 /// 2^(1/8): from a bucket's floor to its geometric middle.
@@ -305,8 +305,9 @@ pub fn bucket_of(us: u64) -> usize {
     if octave >= FIRST_EXP + OCTAVES {
         return BUCKETS - 1;
     }
-    let scaled = u128::from(us) * QUARTER_SCALE;
-    let sub = QUARTERS.iter().filter(|q| scaled >= **q << octave).count();
+    // us / 2^octave in [1, 2), as a fixed-point number with 40 fraction bits (us < 2^27 here).
+    let frac = us << (40 - octave);
+    let sub = QUARTERS.iter().filter(|q| frac >= **q).count();
     1 + ((octave - FIRST_EXP) * 4) as usize + sub
 }
 
@@ -945,7 +946,7 @@ fn percent(n: u64, d: u64) -> String {
     if d == 0 {
         return "0%".to_string();
     }
-    let tenths = (n as u128 * 1000 + d as u128 / 2) / d as u128;
+    let tenths = (n.saturating_mul(1000) + d / 2) / d;
     format!("{}.{}%", tenths / 10, tenths % 10)
 }
 
