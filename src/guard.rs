@@ -1013,8 +1013,10 @@ fn figures_json(f: &Figures) -> String {
     )
 }
 
+/// A JSON string literal (through the same serializer as the problem bodies).
 fn json_string(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
+    let bytes = serde_json::to_vec(s).unwrap_or_default();
+    String::from_utf8(bytes).unwrap_or_default()
 }
 
 /// The admin `GET` answer: the state, the current window's figures so far, the last judged

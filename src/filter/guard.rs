@@ -16,6 +16,7 @@ use super::host::{admin_allowed, response_header};
 use super::shared::HostShared;
 use super::{Http, Root};
 use crate::canary::Variant;
+use crate::config::Config;
 use crate::drain::is_admin_path;
 use crate::guard::{
     claim, describe, experiment_id, status_json, sum_window, Guard, GuardState, Slot, Tally,
@@ -32,7 +33,10 @@ fn now_us() -> u64 {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_micros() as u64)
+        // Not `as_micros`: its u128 would bring 128-bit division into the wasm.
+        .map_or(0, |d| {
+            d.as_secs() * 1_000_000 + u64::from(d.subsec_micros())
+        })
 }
 
 fn slot_key(i: usize) -> String {
@@ -42,7 +46,7 @@ fn slot_key(i: usize) -> String {
 /// The state key of an experiment: a new salt starts fresh, the same salt (a config update
 /// that keeps it) finds its state again.
 fn state_key(experiment: u64) -> String {
-    format!("{STATE_PREFIX}{experiment:016x}")
+    format!("{STATE_PREFIX}{}", hex::encode(experiment.to_be_bytes()))
 }
 
 fn read_state(experiment: u64, now_window: u64) -> GuardState {
@@ -100,6 +104,8 @@ pub struct RootGuard {
     local: Rc<Local>,
     worker_id: u64,
     slot: Option<usize>,
+    /// The experiment (salt) of the configuration in force.
+    experiment: u64,
     /// When the drain's own tick is next due (the guard may tick faster than the drain).
     pub drain_due_ms: u64,
 }
@@ -118,6 +124,7 @@ impl RootGuard {
             }),
             worker_id,
             slot: None,
+            experiment: 0,
             drain_due_ms: 0,
         }
     }
@@ -148,16 +155,18 @@ impl HttpGuard {
     }
 }
 
-fn guard_of(root: &Root) -> Option<(Guard, u64)> {
-    let c = root.config.canary.as_ref()?;
-    Some((c.guard.clone()?, experiment_id(&c.salt)))
+fn guard_of(config: &Config) -> Option<&Guard> {
+    config.canary.as_ref()?.guard.as_ref()
 }
 
 /// After `on_configure` accepted a configuration (after the drain's).
 pub fn configure(root: &mut Root) {
-    let Some((g, experiment)) = guard_of(root) else {
+    let config = root.config.clone();
+    let (Some(g), Some(c)) = (guard_of(&config), config.canary.as_ref()) else {
         return;
     };
+    let experiment = experiment_id(&c.salt);
+    root.guard.experiment = experiment;
     let now = now_us() / 1000;
     // A state kept from an earlier configuration with this salt stays in force; a new salt
     // starts judging with the next whole window.
@@ -188,7 +197,7 @@ pub fn configure(root: &mut Root) {
 
 /// Whether the drain's tick is due (the tick period is the guard's when it is shorter).
 pub fn drain_due(root: &mut Root) -> bool {
-    let (Some(d), Some((g, _))) = (root.config.drain.as_ref(), guard_of(root)) else {
+    let (Some(d), Some(g)) = (root.config.drain.as_ref(), guard_of(&root.config)) else {
         return true;
     };
     let now = now_us() / 1000;
@@ -201,26 +210,28 @@ pub fn drain_due(root: &mut Root) -> bool {
 }
 
 pub fn on_tick(root: &mut Root) {
-    let Some((g, experiment)) = guard_of(root) else {
+    let config = root.config.clone();
+    let Some(g) = guard_of(&config) else {
         return;
     };
+    let experiment = root.guard.experiment;
     let now = now_us() / 1000;
     let window = g.window_of(now);
     let local = root.guard.local.clone();
     local.tally.borrow_mut().roll(window);
-    publish(root, &g, experiment, now);
+    publish(root, g, experiment, now);
     let mut state = read_state(experiment, window);
     if state.aborted.is_none() && state.judged + 1 < window {
         let judged = window - 1;
-        if let Some(sum) = sum_window(&read_slots(), experiment, judged, now, &g) {
+        if let Some(sum) = sum_window(&read_slots(), experiment, judged, now, g) {
             let before = state;
             let (s, wrote) = transition(experiment, window, &|s| {
-                s.after_window(&g, judged, &sum, now)
+                s.after_window(g, judged, &sum, now)
             });
             state = s;
             if wrote && before.aborted.is_none() {
                 if let Some(a) = &state.aborted {
-                    announce(root, &g, a);
+                    announce(root, g, a);
                 }
             }
         }
