@@ -25,11 +25,9 @@
 //! normal approximation (with continuity correction) above; no exp/log is needed, so the wasm
 //! carries no libm.
 
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::canary::Variant;
-use crate::config::ConfigError;
 
 pub const DEFAULT_ADMIN_PATH: &str = "/.well-known/handoff/canary";
 pub const FORBIDDEN_ANCHOR: &str = "canary-guard-admin-forbidden";
@@ -39,77 +37,7 @@ pub const ALPHA: f64 = 0.001;
 const Z_ALPHA: f64 = 3.090_232;
 
 // ---------------------------------------------------------------------------------------------
-// Configuration
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RawGuard {
-    #[serde(default = "default_window_s")]
-    pub window_s: u32,
-    #[serde(default = "default_min_requests")]
-    pub min_requests: u64,
-    #[serde(default = "default_max_error_rate")]
-    pub max_error_rate: f64,
-    #[serde(default = "default_max_error_ratio")]
-    pub max_error_ratio: f64,
-    pub latency: Option<RawLatency>,
-    #[serde(default = "default_bad_windows")]
-    pub bad_windows: u32,
-    pub admin: Option<RawGuardAdmin>,
-}
-
-pub(crate) fn default_window_s() -> u32 {
-    10
-}
-pub(crate) fn default_min_requests() -> u64 {
-    100
-}
-pub(crate) fn default_max_error_rate() -> f64 {
-    0.05
-}
-pub(crate) fn default_max_error_ratio() -> f64 {
-    2.0
-}
-pub(crate) fn default_bad_windows() -> u32 {
-    2
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RawLatency {
-    #[serde(default = "default_quantile")]
-    pub quantile: f64,
-    #[serde(default = "default_max_ms")]
-    pub max_ms: u64,
-    #[serde(default = "default_max_ratio")]
-    pub max_ratio: f64,
-}
-
-pub(crate) fn default_quantile() -> f64 {
-    0.99
-}
-pub(crate) fn default_max_ms() -> u64 {
-    500
-}
-pub(crate) fn default_max_ratio() -> f64 {
-    1.5
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RawGuardAdmin {
-    #[serde(default = "default_admin_path")]
-    pub path: String,
-    /// Hex SHA-256 of the bearer token accepted from non-loopback peers.
-    pub token_sha256: Option<String>,
-}
-
-pub(crate) fn default_admin_path() -> String {
-    DEFAULT_ADMIN_PATH.to_string()
-}
+// Configuration (as written and validated in `config::canary`)
 
 /// A validated guard.
 #[derive(Debug, Clone)]
@@ -128,116 +56,6 @@ pub struct LatencyRule {
     pub quantile: f64,
     pub max_ms: u64,
     pub max_ratio: f64,
-}
-
-fn in_range(v: f64, lo: f64, hi: f64, path: &str, what: &str) -> Result<(), ConfigError> {
-    // `!(..)` also refuses NaN.
-    if !(v >= lo && v <= hi) {
-        return Err(ConfigError::new(path, format!("expected {what}")));
-    }
-    Ok(())
-}
-
-impl RawGuard {
-    pub fn validate(self) -> Result<Guard, ConfigError> {
-        if !(1..=3600).contains(&self.window_s) {
-            return Err(ConfigError::new("window_s", "expected 1 to 3600 seconds"));
-        }
-        if !(1..=1_000_000_000).contains(&self.min_requests) {
-            return Err(ConfigError::new(
-                "min_requests",
-                "expected a whole number of requests from 1 to 1000000000",
-            ));
-        }
-        in_range(
-            self.max_error_rate,
-            0.0,
-            1.0,
-            "max_error_rate",
-            "a fraction from 0 to 1 (0.05 is 5%)",
-        )?;
-        in_range(
-            self.max_error_ratio,
-            1.0,
-            1000.0,
-            "max_error_ratio",
-            "a ratio from 1 to 1000",
-        )?;
-        let latency = match self.latency {
-            Some(l) => {
-                in_range(
-                    l.quantile,
-                    0.5,
-                    0.9999,
-                    "latency.quantile",
-                    "a quantile from 0.5 to 0.9999 (0.99 is p99)",
-                )?;
-                if !(1..=600_000).contains(&l.max_ms) {
-                    return Err(ConfigError::new(
-                        "latency.max_ms",
-                        "expected 1 to 600000 milliseconds",
-                    ));
-                }
-                in_range(
-                    l.max_ratio,
-                    1.0,
-                    1000.0,
-                    "latency.max_ratio",
-                    "a ratio from 1 to 1000",
-                )?;
-                Some(LatencyRule {
-                    quantile: l.quantile,
-                    max_ms: l.max_ms,
-                    max_ratio: l.max_ratio,
-                })
-            }
-            None => None,
-        };
-        if !(1..=100).contains(&self.bad_windows) {
-            return Err(ConfigError::new("bad_windows", "expected 1 to 100 windows"));
-        }
-        let admin = match self.admin {
-            Some(a) => {
-                let p = &a.path;
-                if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
-                    return Err(ConfigError::new(
-                        "admin.path",
-                        format!(
-                            "expected an absolute path starting with '/' (no query), got {p:?}"
-                        ),
-                    ));
-                }
-                let token_sha256 = match a.token_sha256 {
-                    Some(t) => {
-                        let mut out = [0u8; 32];
-                        if t.len() != 64 || hex::decode_to_slice(&t, &mut out).is_err() {
-                            return Err(ConfigError::new(
-                                "admin.token_sha256",
-                                "expected 64 hex digits (the SHA-256 of the bearer token, \
-                                 e.g. `printf %s \"$TOKEN\" | sha256sum`)",
-                            ));
-                        }
-                        Some(out)
-                    }
-                    None => None,
-                };
-                Some(crate::drain::Admin {
-                    path: a.path,
-                    token_sha256,
-                })
-            }
-            None => None,
-        };
-        Ok(Guard {
-            window_s: self.window_s,
-            min_requests: self.min_requests,
-            max_error_rate: self.max_error_rate,
-            max_error_ratio: self.max_error_ratio,
-            latency,
-            bad_windows: self.bad_windows,
-            admin,
-        })
-    }
 }
 
 impl Guard {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::canary::RawGuard;
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
