@@ -488,3 +488,35 @@ async fn the_abort_survives_a_config_update_with_the_same_salt() {
     assert_eq!(upstream_of(&h1(), &s.envoy, VIP).await, "canary");
     let _ = (&s.stable, &s.canary);
 }
+
+/// No upstream answer at all (the canary's process is gone: Envoy's own 503 for the connect
+/// failure) counts as an error too.
+#[tokio::test]
+async fn a_canary_that_stops_answering_is_aborted() {
+    let mut s = setup(None).await;
+    let load = Load::start(&s.envoy);
+    wait_for(
+        "a judged healthy window",
+        Duration::from_secs(20),
+        || async {
+            let v = admin(&s.envoy, reqwest::Method::GET).await;
+            (v["last"]["figures"]["canary"]["requests"].as_u64() >= Some(20)).then_some(())
+        },
+    )
+    .await;
+    s.canary.kill();
+    let t0 = now_ms();
+    let report = wait_state(&s.envoy, "aborted", Duration::from_secs(30)).await;
+    load.stop().await;
+    let delay = report["aborted"]["at"].as_u64().unwrap().saturating_sub(t0);
+    eprintln!(
+        "canary gone: aborted after {delay} ms: {}",
+        report["aborted"]["reason"]
+    );
+    assert_eq!(report["aborted"]["trigger"], "errors");
+    assert!(delay <= BAD_WINDOWS * WINDOW_S * 1000 + 1000, "{delay} ms");
+    for (u, up) in upstreams(&s.envoy).await {
+        assert_eq!(up, "stable", "{u}");
+    }
+    let _ = &s.stable;
+}
