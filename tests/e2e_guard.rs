@@ -309,6 +309,7 @@ async fn errors_abort_the_canary_within_two_windows() {
         "{line}"
     );
     assert_eq!(log.matches("canary aborted:").count(), 1, "logged once");
+    assert!(log.contains("configuration accepted: canary 20% guarded (2 s windows)"));
     let stats = s.envoy.stats().await;
     let m = |n: &str, l: &[(&str, &str)]| stats.get(n, l);
     assert_eq!(

@@ -55,7 +55,11 @@ impl Config {
     pub fn summary(&self) -> String {
         let mut on = Vec::new();
         if let Some(c) = &self.canary {
-            on.push(format!("canary {}%", percent(c.threshold)));
+            let guard = match &c.guard {
+                Some(g) => format!(" guarded ({} s windows)", g.window_s),
+                None => String::new(),
+            };
+            on.push(format!("canary {}%{guard}", percent(c.threshold)));
         }
         if let Some(t) = &self.translate {
             on.push(format!("translate {} route(s)", t.routes.len()));
