@@ -253,7 +253,19 @@ async fn turns_bad(s: &Setup, error_pct: u32, delay_ms: u64) -> (u64, Value) {
 
 /// After an abort: every user, hash-canary and allow-listed alike, reaches stable, the canary
 /// upstream sees nothing new, and a signed override still reaches it.
-async fn everyone_on_stable_but_overrides(s: &Setup) {
+/// Every worker applies an abort at its next tick (125 ms here; 500 ms of slack for a loaded
+/// machine): the bound the guard promises, counted from the abort's own timestamp.
+async fn applied_by_every_worker(aborted_at: u64) {
+    wait_for(
+        "the abort to be a tick old",
+        Duration::from_secs(5),
+        || async { (now_ms() > aborted_at + 500).then_some(()) },
+    )
+    .await;
+}
+
+async fn everyone_on_stable_but_overrides(s: &Setup, aborted_at: u64) {
+    applied_by_every_worker(aborted_at).await;
     let before = s.canary.requests().await;
     let all = upstreams(&s.envoy).await;
     assert!(all.iter().any(|(u, _)| u == VIP));
@@ -296,7 +308,7 @@ async fn errors_abort_the_canary_within_two_windows() {
     let s = setup(None).await;
     let (_, report) = turns_bad(&s, 30, 0).await;
     assert_eq!(report["aborted"]["trigger"], "errors");
-    everyone_on_stable_but_overrides(&s).await;
+    everyone_on_stable_but_overrides(&s, report["aborted"]["at"].as_u64().unwrap()).await;
     let log = s.envoy.log();
     let line = log
         .lines()
@@ -343,7 +355,7 @@ async fn latency_aborts_the_canary_within_two_windows() {
     let reason = report["aborted"]["reason"].as_str().unwrap();
     assert!(reason.starts_with("p99 latency "), "{reason}");
     s.canary.set_fault(0, 0).await;
-    everyone_on_stable_but_overrides(&s).await;
+    everyone_on_stable_but_overrides(&s, report["aborted"]["at"].as_u64().unwrap()).await;
 }
 
 #[tokio::test]
@@ -516,6 +528,7 @@ async fn a_canary_that_stops_answering_is_aborted() {
     );
     assert_eq!(report["aborted"]["trigger"], "errors");
     assert!(delay <= BAD_WINDOWS * WINDOW_S * 1000 + 1000, "{delay} ms");
+    applied_by_every_worker(report["aborted"]["at"].as_u64().unwrap()).await;
     for (u, up) in upstreams(&s.envoy).await {
         assert_eq!(up, "stable", "{u}");
     }
