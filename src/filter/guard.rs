@@ -106,6 +106,8 @@ pub struct RootGuard {
     slot: Option<usize>,
     /// The experiment (salt) of the configuration in force.
     experiment: u64,
+    /// The no-free-slot warning was logged.
+    warned: bool,
     /// When the drain's own tick is next due (the guard may tick faster than the drain).
     pub drain_due_ms: u64,
 }
@@ -125,6 +127,7 @@ impl RootGuard {
             worker_id,
             slot: None,
             experiment: 0,
+            warned: false,
             drain_due_ms: 0,
         }
     }
@@ -273,8 +276,12 @@ fn publish(root: &mut Root, g: &Guard, experiment: u64, now: u64) {
         root.guard.slot = None;
     }
     root.guard.slot = (0..MAX_SLOTS).find(|i| write(*i));
-    if root.guard.slot.is_none() {
-        warn!("handoff: canary guard: no free shared-data slot for this worker's counts");
+    // Said once per worker, not at every tick while it lasts.
+    if root.guard.slot.is_none() && !std::mem::replace(&mut root.guard.warned, true) {
+        warn!(
+            "handoff: canary guard: all {MAX_SLOTS} shared-data slots are taken; this worker's \
+             counts are not judged"
+        );
     }
 }
 
