@@ -1,8 +1,8 @@
 //! Canary guard: judges the canary against stable on the exact cohorts, window by window, and
 //! aborts the canary (everyone back to stable) after `bad_windows` bad windows in a row.
 //!
-//! Everything here is pure: the configuration, the per-worker tallies and their shared-data
-//! encoding, the log-spaced latency histogram, the judgment of one window (a function of the
+//! Everything here is pure: the validated configuration (written and checked in
+//! `config::canary`), the per-worker tallies and their shared-data encoding, the log-spaced latency histogram, the judgment of one window (a function of the
 //! two cohorts' summed counts only, so counts summed over a whole fleet are judged the same
 //! way), the guard's state machine and its encoding. The filter (`filter::guard`) counts,
 //! publishes, sums and applies.
