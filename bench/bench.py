@@ -98,6 +98,8 @@ BODIES = {
 # ---------------------------------------------------------------------------------------------
 
 CANARY = {"salt": "bench-2026", "percent": 50, "user_id": [{"header": "x-user-id"}], "route_header": "x-canary-variant"}
+# The canary guard on top: every request counted (status, latency bucket) for the window judgment.
+CANARY_GUARD = dict(CANARY, guard={"window_s": 10, "latency": {"quantile": 0.99, "max_ms": 500}})
 TRANSLATE = {
     "routes": [
         {
@@ -328,6 +330,8 @@ VARIANTS = [
             method="POST", path="/api/v1/payments?size=64k", body="req-64k.json", headers=JSON_CT, upstream="static"),
     Variant("B", "b-noop", "wasm filter that does nothing (bench/noop)", wasm="noop"),
     Variant("C1", "c1-canary", "handoff, canary only, GET", headers=UID, wasm="handoff", sections=("canary",)),
+    Variant("C1-guard", "c1-guard", "handoff, canary with its guard (errors and p99 judged per window), GET", headers=UID,
+            wasm="handoff", sections=("canary",)),
     Variant("C2", "c2-all", "handoff, every capability configured, GET (v2 client, v2 backend)",
             path="/api/v2/payments", headers=UID, wasm="handoff",
             sections=("canary", "translate", "idempotency", "drain")),
@@ -511,6 +515,10 @@ def config_files():
         "c1-canary": (
             "C1: handoff with the canary section only.",
             envoy_config(canary_routes(), handoff_chain({"canary": CANARY}), handoff=True),
+        ),
+        "c1-guard": (
+            "C1-guard: handoff with the canary section and its guard.",
+            envoy_config(canary_routes(), handoff_chain({"canary": CANARY_GUARD}), handoff=True),
         ),
         "c2-all": (
             "C2: handoff with every capability configured (canary, translate, idempotency, drain).",
@@ -738,7 +746,7 @@ def check(v, port):
     """Does the variant do its job? A figure for a filter that silently does nothing is worse than
     none. Returns "ok" or what is wrong (shown next to the figures)."""
     try:
-        if v.name in ("C1", "C2", "D1"):
+        if v.name in ("C1", "C1-guard", "C2", "D1"):
             routes = set()
             for i in range(20):
                 w = Variant(v.name, v.config, "", v.method, v.path, v.body, dict(v.headers, **{"x-user-id": "u-%d" % i}))

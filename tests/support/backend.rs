@@ -88,6 +88,14 @@ impl Backend {
             .await;
     }
 
+    /// From now on `error_pct` of every 100 requests answer 503, and each waits `delay_ms` more.
+    pub async fn set_fault(&self, error_pct: u32, delay_ms: u64) {
+        self.post(&format!(
+            "/_admin/fault?error_pct={error_pct}&delay_ms={delay_ms}"
+        ))
+        .await;
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
