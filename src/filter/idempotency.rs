@@ -168,7 +168,7 @@ fn store_tag(config: &Config) -> String {
 }
 
 /// Sends one etcd request from `ctx` (its answer comes back to that context).
-fn dispatch<C: Context + ?Sized>(ctx: &C, store: &EtcdStore, r: &Request) -> Option<u32> {
+fn dispatch(ctx: &dyn Context, store: &EtcdStore, r: &Request) -> Option<u32> {
     let sent = ctx.dispatch_http_call(
         store.cluster,
         vec![
@@ -194,11 +194,7 @@ fn dispatch<C: Context + ?Sized>(ctx: &C, store: &EtcdStore, r: &Request) -> Opt
 }
 
 /// The answer to a callout: no headers means it failed or timed out.
-fn read_answer<C: Context + ?Sized>(
-    ctx: &C,
-    num_headers: usize,
-    body_size: usize,
-) -> (Option<u16>, Vec<u8>) {
+fn read_answer(ctx: &dyn Context, num_headers: usize, body_size: usize) -> (Option<u16>, Vec<u8>) {
     if num_headers == 0 {
         return (None, Vec::new());
     }
@@ -251,9 +247,9 @@ pub fn on_tick(root: &Root) {
     }
 }
 
-/// Sends the queued writes that are due (from `ctx`), after giving up on those past their
-/// deadline.
-fn flush<C: Context + ?Sized>(ctx: &C, store: &EtcdStore, metrics: &Metrics) {
+/// Sends the queued writes that are due (from the root context, which gets the answers),
+/// after giving up on those past their deadline.
+fn flush(root: &Root, store: &EtcdStore, metrics: &Metrics) {
     let now = now_ms();
     with_outbox(&mut |q| {
         for e in q.expire(now, store.timeout_ms + ANSWER_SLACK_MS) {
@@ -266,7 +262,7 @@ fn flush<C: Context + ?Sized>(ctx: &C, store: &EtcdStore, metrics: &Metrics) {
             );
         }
         for (i, request) in q.due(now) {
-            let token = dispatch(ctx, store, &request);
+            let token = dispatch(root, store, &request);
             q.sent(i, token, now);
         }
         metrics.idempotency_retry_pending(q.len());
@@ -314,19 +310,13 @@ fn report(metrics: &Metrics, outcome: &'static str, e: &Entry, detail: &dyn std:
 }
 
 /// A callout answer that may be one of the queue's.
-fn queued_answer<C: Context + ?Sized>(
-    ctx: &C,
-    metrics: &Metrics,
-    token: u32,
-    num_headers: usize,
-    body_size: usize,
-) {
+fn queued_answer(root: &Root, metrics: &Metrics, token: u32, num_headers: usize, body_size: usize) {
     let mut ours = false;
     with_outbox(&mut |q| ours = q.carries(token));
     if !ours {
         return;
     }
-    let (status, body) = read_answer(ctx, num_headers, body_size);
+    let (status, body) = read_answer(root, num_headers, body_size);
     let answer = Answer {
         status,
         body: &body,
@@ -641,8 +631,6 @@ pub fn on_http_call_response(http: &mut Http, token: u32, num_headers: usize, bo
         Some(Phase::Locking { token: t, .. } | Phase::Writing { token: t, .. }) if *t == token
     );
     if !ours {
-        let metrics = http.metrics.clone();
-        queued_answer(&*http, &metrics, token, num_headers, body_size);
         return;
     }
     let config = http.config.clone();
