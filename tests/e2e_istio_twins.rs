@@ -5,18 +5,14 @@
 
 mod support;
 
-use handoff::canary::{bucket, threshold};
 use support::{clients, Backend, Envoy, EnvoyOpts};
 
+/// The cohort the client side assigns `user`, from the twin's own salt and percent.
 fn cohort_of(user: &str) -> &'static str {
     let config = support::fixture_plugin_config("client-side");
     let salt = config["canary"]["salt"].as_str().unwrap();
     let percent = config["canary"]["percent"].as_f64().unwrap();
-    if bucket(salt, user) < threshold(percent) {
-        "canary"
-    } else {
-        "stable"
-    }
+    support::cohort(salt, user, percent)
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ mod support;
 
 use futures::stream;
 use serde_json::{json, Value};
-use support::{clients, h1, h2, Backend, Envoy, EnvoyOpts};
+use support::{clients, h1, h2, send, Backend, Envoy, EnvoyOpts, Resp};
 
 struct Setup {
     envoy: Envoy,
@@ -71,67 +71,7 @@ fn with_orders(c: &mut Value) {
         .push(orders_route());
 }
 
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    bytes: Vec<u8>,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.bytes)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.bytes)))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// The content-length is there and is the body's real length.
-    fn assert_length_correct(&self) {
-        let l = self.header("content-length").expect("a content-length");
-        assert_eq!(
-            l.parse::<usize>().unwrap(),
-            self.bytes.len(),
-            "content-length"
-        );
-    }
-
-    /// An error the filter answered: problem+json with this status.
-    fn assert_problem(&self, status: u16) -> Value {
-        assert_eq!(
-            self.status,
-            status,
-            "{}",
-            String::from_utf8_lossy(&self.bytes)
-        );
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/problem+json")
-        );
-        let p = self.json();
-        assert_eq!(p["status"], status);
-        assert!(
-            p["type"].as_str().unwrap().contains("README.md#translate-"),
-            "{p}"
-        );
-        p
-    }
-}
-
-async fn send(req: reqwest::RequestBuilder) -> Answer {
-    let r = req.send().await.expect("request through Envoy");
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let bytes = r.bytes().await.expect("body").to_vec();
-    Answer {
-        status,
-        headers,
-        bytes,
-    }
-}
-
-async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> Answer {
+async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> Resp {
     send(
         client
             .post(url)
@@ -142,7 +82,7 @@ async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> Answe
 }
 
 /// The v2 backend's created payment, as a v1 client must see it: exactly the v1 fields.
-fn assert_v2_payment_as_v1(a: &Answer, proto: &str) {
+fn assert_v2_payment_as_v1(a: &Resp, proto: &str) {
     let got = a.json();
     assert_eq!(got["status"], "succeeded", "{proto}: {got}");
     assert!(
@@ -252,7 +192,7 @@ async fn a_client_that_speaks_the_backend_version_passes_byte_for_byte() {
         assert_eq!(a.header("x-api-version"), Some("v2"));
     }
     let stats = s.envoy.stats().await;
-    assert_eq!(stats.sum("handoff_translate_translations"), 0.0);
+    assert_eq!(stats.sum_or_zero("handoff_translate_translations"), 0.0);
 }
 
 #[tokio::test]
@@ -429,7 +369,7 @@ async fn chunked_http1_and_large_multi_frame_http2_bodies() {
             .body(reqwest::Body::wrap_stream(stream::iter(chunks))),
     )
     .await;
-    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.bytes));
+    assert_eq!(a.status, 200, "{}", a.text());
     let seen = s.v2.last().await;
     for_each(&seen);
     // Sent chunked, forwarded with the exact length of the rewritten body.
@@ -457,7 +397,7 @@ async fn chunked_http1_and_large_multi_frame_http2_bodies() {
                 .body(body),
         )
         .await;
-        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.bytes));
+        assert_eq!(a.status, 200, "{}", a.text());
         for_each(&s.v2.last().await);
         a.assert_length_correct();
         for_each(&json!({"body": a.json()["received"]}));
@@ -567,11 +507,11 @@ async fn errors_are_problems_that_never_reach_the_backend() {
                 .body("amount=1"),
         )
         .await;
-        let p = a.assert_problem(415);
+        let p = a.assert_problem(415, "translate-unsupported-media-type");
         assert!(p["detail"].as_str().unwrap().contains("text/plain"), "{p}");
         // ... also without any content type.
         let a = send(c.post(s.envoy.url("/api/v1/payments")).body("{}")).await;
-        a.assert_problem(415);
+        a.assert_problem(415, "translate-unsupported-media-type");
 
         // 415: a compressed body cannot be read.
         let a = send(
@@ -581,7 +521,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
                 .body(vec![0x1f, 0x8b, 0x08, 0x00]),
         )
         .await;
-        let p = a.assert_problem(415);
+        let p = a.assert_problem(415, "translate-unsupported-media-type");
         assert!(p["detail"].as_str().unwrap().contains("gzip"), "{p}");
 
         // 400: invalid JSON, with where parsing stopped.
@@ -591,7 +531,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
                 .body("{\"amount\": 1,\n \"customer_id\": }"),
         )
         .await;
-        let p = a.assert_problem(400);
+        let p = a.assert_problem(400, "translate-invalid-json");
         assert!(
             p["detail"].as_str().unwrap().contains("line 2, column 17"),
             "{proto}: {p}"
@@ -599,7 +539,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
 
         // 422: a required field is missing, named by its pointer.
         let a = post_json(&c, s.envoy.url("/api/v1/payments"), &json!({"amount": 1})).await;
-        let p = a.assert_problem(422);
+        let p = a.assert_problem(422, "translate-missing-required");
         assert!(
             p["detail"].as_str().unwrap().contains("/customer_id"),
             "{p}"
@@ -613,7 +553,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
                 .body(big.clone()),
         )
         .await;
-        a.assert_problem(413);
+        a.assert_problem(413, "translate-too-large");
         let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
             big.as_bytes().chunks(50).map(|c| Ok(c.to_vec())).collect();
         let a = send(
@@ -622,7 +562,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
                 .body(reqwest::Body::wrap_stream(stream::iter(chunks))),
         )
         .await;
-        a.assert_problem(413);
+        a.assert_problem(413, "translate-too-large");
 
         assert_eq!(
             (s.v1.requests().await, s.v2.requests().await),
@@ -638,7 +578,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
     assert_eq!(stats.get(f, &l("payments", "invalid_json")), 2.0);
     assert_eq!(stats.get(f, &l("payments", "missing_required")), 2.0);
     assert_eq!(stats.get(f, &l("orders", "too_large")), 4.0);
-    assert_eq!(stats.sum("handoff_translate_translations"), 0.0);
+    assert_eq!(stats.sum_or_zero("handoff_translate_translations"), 0.0);
 }
 
 #[tokio::test]
@@ -686,7 +626,7 @@ async fn error_responses_pass_untranslated_unless_asked_and_bad_responses_are_50
 
         // A response the mapping cannot translate (a required source is missing): 502.
         let a = send(c.get(s.envoy.url("/api/v1/strict?status=404"))).await;
-        let p = a.assert_problem(502);
+        let p = a.assert_problem(502, "translate-response-failed");
         assert!(
             p["detail"].as_str().unwrap().contains("/nothing_like_this"),
             "{proto}: {p}"
