@@ -124,9 +124,10 @@ istio-sync: image
 	  --manifests istio --render istio
 
 # Manifests against Istio's CRDs (../shared/istio-crds), the config schema and parser's error
-# paths, handoffctl.
+# paths, handoffctl, and every copy of the Lua hold filters against envoy/lua/.
 istio-test:
-	cargo test --test istio_manifests --test config_schema --test config_paths --test handoffctl
+	cargo test --test istio_manifests --test config_schema --test config_paths --test handoffctl \
+	  --test hold_filters
 
 # Inspects what `make image` wrote (also with skopeo).
 image-test: image apt-tools
