@@ -18,11 +18,8 @@ struct Setup {
 }
 
 async fn setup(plugin_config: Option<Value>) -> Setup {
-    let stable = Backend::start("stable", "v1");
-    let canary = Backend::start("canary", "v2");
-    let mut opts = EnvoyOpts::new("canary")
-        .upstream(8081, &stable)
-        .upstream(8082, &canary);
+    let (stable, canary) = Backend::versions("stable", "canary");
+    let mut opts = EnvoyOpts::new("canary").versions(&stable, &canary);
     if let Some(c) = plugin_config {
         opts = opts.plugin_config(c);
     }
@@ -91,20 +88,8 @@ async fn a_user_keeps_its_variant_and_reaches_that_cluster() {
     let seen = s.canary.last().await;
     assert_eq!(seen["headers"]["x-canary-variant"], "canary");
     let stats = s.envoy.stats().await;
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "hash")]
-        ),
-        200.0
-    );
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "stable"), ("reason", "hash")]
-        ),
-        200.0
-    );
+    assert_eq!(stats.decisions("canary", "hash"), 200.0);
+    assert_eq!(stats.decisions("stable", "hash"), 200.0);
     let _ = &s.stable;
 }
 
@@ -150,13 +135,7 @@ async fn canary_share_over_100k_users_matches_percent() {
         assert_eq!(v, cohort(SALT, u, 12.5), "{u}");
     }
     let stats = s.envoy.stats().await;
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "hash")]
-        ),
-        canary as f64
-    );
+    assert_eq!(stats.decisions("canary", "hash"), canary as f64);
 }
 
 #[tokio::test]
@@ -255,20 +234,8 @@ async fn allow_and_deny_lists_win_over_the_hash_and_deny_wins_over_allow() {
         assert_eq!(got.0, "stable", "{proto} deny");
     }
     let stats = s.envoy.stats().await;
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "allow")]
-        ),
-        2.0
-    );
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "stable"), ("reason", "deny")]
-        ),
-        2.0
-    );
+    assert_eq!(stats.decisions("canary", "allow"), 2.0);
+    assert_eq!(stats.decisions("stable", "deny"), 2.0);
 }
 
 #[tokio::test]
@@ -346,13 +313,7 @@ async fn a_signed_override_forces_the_variant_and_a_forged_one_is_ignored() {
         }
     }
     let stats = s.envoy.stats().await;
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "override")]
-        ),
-        2.0
-    );
+    assert_eq!(stats.decisions("canary", "override"), 2.0);
     assert_eq!(stats.get("handoff_canary_override_rejected", &[]), 8.0);
 }
 
@@ -391,20 +352,8 @@ async fn the_user_id_comes_from_the_verified_jwt_claim() {
         assert_eq!(variant_of(&client, req).await.0, "stable", "{proto}");
     }
     let stats = s.envoy.stats().await;
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "hash")]
-        ),
-        2.0
-    );
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "stable"), ("reason", "unidentified")]
-        ),
-        2.0
-    );
+    assert_eq!(stats.decisions("canary", "hash"), 2.0);
+    assert_eq!(stats.decisions("stable", "unidentified"), 2.0);
 }
 
 #[tokio::test]

@@ -41,12 +41,10 @@ struct Setup {
 }
 
 async fn setup(percent: f64) -> Setup {
-    let stable = Backend::start("stable", "v1");
-    let canary = Backend::start("canary", "v2");
+    let (stable, canary) = Backend::versions("stable", "canary");
     let lds = Lds::new();
     let opts = EnvoyOpts::new("canary")
-        .upstream(8081, &stable)
-        .upstream(8082, &canary)
+        .versions(&stable, &canary)
         .plugin_config(config_at(percent))
         // Old listeners' connections are closed on their next response, not over 10 minutes.
         .arg("--drain-strategy")
@@ -276,32 +274,28 @@ fn trap_wasm() -> std::path::PathBuf {
 /// Runs the canary fixture with the trapping filter in handoff's place, under `policy`
 /// (`failure_policy` of the Wasm filter config: FAIL_CLOSED, FAIL_OPEN, FAIL_RELOAD).
 async fn trap_setup(policy: &'static str) -> (Envoy, Backend, Backend) {
-    let stable = Backend::start("stable", "v1");
-    let canary = Backend::start("canary", "v2");
+    let (stable, canary) = Backend::versions("stable", "canary");
     let wasm = trap_wasm().display().to_string();
     let mut opts = EnvoyOpts::new("canary");
     // One worker, so the trapping request and the ones after it meet the same VM (each worker
     // thread runs its own copy).
     opts.concurrency = 1;
-    let envoy = Envoy::start(
-        opts
-            .upstream(8081, &stable)
-            .upstream(8082, &canary)
-            .edit(move |cfg| {
-                let filters = cfg
-                    .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters")
-                    .and_then(Value::as_array_mut)
-                    .expect("http_filters");
-                for f in filters.iter_mut() {
-                    if f["name"] == "handoff" {
-                        let c = &mut f["typed_config"]["config"];
-                        c["vm_config"]["code"]["local"]["filename"] = Value::from(wasm.clone());
-                        c["vm_config"]["vm_id"] = Value::from("trap");
-                        c["failure_policy"] = Value::from(policy);
-                    }
-                }
-            }),
-    )
+    let envoy = Envoy::start(opts.versions(&stable, &canary).edit(move |cfg| {
+        let filters = cfg
+            .pointer_mut(
+                "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters",
+            )
+            .and_then(Value::as_array_mut)
+            .expect("http_filters");
+        for f in filters.iter_mut() {
+            if f["name"] == "handoff" {
+                let c = &mut f["typed_config"]["config"];
+                c["vm_config"]["code"]["local"]["filename"] = Value::from(wasm.clone());
+                c["vm_config"]["vm_id"] = Value::from("trap");
+                c["failure_policy"] = Value::from(policy);
+            }
+        }
+    }))
     .await;
     (envoy, stable, canary)
 }

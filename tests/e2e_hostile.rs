@@ -31,14 +31,8 @@ struct Canary {
 }
 
 async fn canary() -> Canary {
-    let stable = Backend::start("stable", "v1");
-    let canary = Backend::start("canary", "v2");
-    let envoy = Envoy::start(
-        EnvoyOpts::new("canary")
-            .upstream(8081, &stable)
-            .upstream(8082, &canary),
-    )
-    .await;
+    let (stable, canary) = Backend::versions("stable", "canary");
+    let envoy = Envoy::start(EnvoyOpts::new("canary").versions(&stable, &canary)).await;
     Canary {
         envoy,
         stable,
@@ -332,13 +326,7 @@ async fn forged_override_signatures_are_ignored() {
         stats.get("handoff_canary_override_rejected", &[]),
         (forged.len() * 2) as f64
     );
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "override")]
-        ),
-        0.0
-    );
+    assert_eq!(stats.decisions("canary", "override"), 0.0);
     still_serves(&s.envoy).await;
 }
 
@@ -390,13 +378,7 @@ async fn forged_jwts_never_provide_the_user_id() {
         }
     }
     let stats = s.envoy.stats().await;
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "allow")]
-        ),
-        0.0
-    );
+    assert_eq!(stats.decisions("canary", "allow"), 0.0);
     still_serves(&s.envoy).await;
 }
 
@@ -444,8 +426,7 @@ async fn one_app(fixture: &str, config: Value) -> (Envoy, Backend) {
     let app = Backend::start("app", "v2");
     let envoy = Envoy::start(
         EnvoyOpts::new(fixture)
-            .upstream(8081, &app)
-            .upstream(8082, &app)
+            .versions(&app, &app)
             .plugin_config(config),
     )
     .await;
@@ -552,8 +533,7 @@ async fn the_drain_admin_path_refuses_outside_callers() {
     let app = Backend::start("app", "v2");
     let envoy = Envoy::start(
         EnvoyOpts::new("drain")
-            .upstream(8081, &app)
-            .upstream(8082, &app)
+            .versions(&app, &app)
             .plugin_config(drain_config()),
     )
     .await;

@@ -17,14 +17,8 @@ fn cohort_of(user: &str) -> &'static str {
 
 #[tokio::test]
 async fn client_side_routes_each_cohort_to_its_version() {
-    let stable = Backend::start("stable", "v1");
-    let canary = Backend::start("canary", "v2");
-    let envoy = Envoy::start(
-        EnvoyOpts::new("client-side")
-            .upstream(8081, &stable)
-            .upstream(8082, &canary),
-    )
-    .await;
+    let (stable, canary) = Backend::versions("stable", "canary");
+    let envoy = Envoy::start(EnvoyOpts::new("client-side").versions(&stable, &canary)).await;
     let user_in = |want: &'static str| {
         (0..)
             .map(|i| format!("user-{i}"))

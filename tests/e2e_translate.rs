@@ -21,16 +21,7 @@ async fn setup(plugin_config: Value) -> Setup {
 
 /// [`setup`] with an edit of the whole bootstrap.
 async fn setup_edited(plugin_config: Value, edit: impl FnOnce(&mut Value) + 'static) -> Setup {
-    let v1 = Backend::start("v1", "v1");
-    let v2 = Backend::start("v2", "v2");
-    let envoy = Envoy::start(
-        EnvoyOpts::new("translate")
-            .upstream(8081, &v1)
-            .upstream(8082, &v2)
-            .plugin_config(plugin_config)
-            .edit(edit),
-    )
-    .await;
+    let (envoy, v1, v2) = support::translate_envoy(plugin_config, edit).await;
     Setup { envoy, v1, v2 }
 }
 
@@ -668,14 +659,8 @@ async fn invalid_translate_configs_are_refused_with_one_log_line() {
 async fn the_demo_translates_for_canary_users_only() {
     // envoy/demo.yaml: canary (allow u-1, deny u-2) routes by cohort; translate follows it.
     // The demo also enforces Idempotency-Key on POSTs under /api/: each request gets its own.
-    let stable = Backend::start("stable", "v1");
-    let canary = Backend::start("canary", "v2");
-    let envoy = Envoy::start(
-        EnvoyOpts::new("demo")
-            .upstream(8081, &stable)
-            .upstream(8082, &canary),
-    )
-    .await;
+    let (stable, canary) = Backend::versions("stable", "canary");
+    let envoy = Envoy::start(EnvoyOpts::new("demo").versions(&stable, &canary)).await;
     let v1_body = json!({"amount": 5, "currency": "EUR", "customer_id": "c-5"});
     for (proto, c) in clients() {
         let post = |user: &str| {

@@ -7,30 +7,20 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{assert_problem_body, clients, send, Backend, Envoy, EnvoyOpts};
+use support::{assert_problem_body, clients, send, Backend, Envoy};
 
 async fn setup() -> (Envoy, Backend, Backend) {
     setup_with(|_| {}).await
 }
 
 async fn setup_with(edit: impl FnOnce(&mut Value) + 'static) -> (Envoy, Backend, Backend) {
-    let v1 = Backend::start("v1", "v1");
-    let v2 = Backend::start("v2", "v2");
     let mut cfg = support::fixture_plugin_config("translate");
     cfg["idempotency"] = json!({
         "methods": ["POST"],
         "path_prefixes": ["/api/"],
         "scope": [{"header": "x-user-id"}]
     });
-    let envoy = Envoy::start(
-        EnvoyOpts::new("translate")
-            .upstream(8081, &v1)
-            .upstream(8082, &v2)
-            .plugin_config(cfg)
-            .edit(edit),
-    )
-    .await;
-    (envoy, v1, v2)
+    support::translate_envoy(cfg, edit).await
 }
 
 /// A POST with `key` in the scope of user `u-42`: its status, `idempotent-replayed`,

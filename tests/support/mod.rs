@@ -147,6 +147,12 @@ impl EnvoyOpts {
         self
     }
 
+    /// Points the fixture's two upstreams, v1 / stable on 8081 and v2 / canary on 8082, at
+    /// running backends.
+    pub fn versions(self, on_8081: &Backend, on_8082: &Backend) -> Self {
+        self.upstream(8081, on_8081).upstream(8082, on_8082)
+    }
+
     pub fn port(mut self, fixture_port: u16, real: u16) -> Self {
         self.ports.insert(fixture_port, real);
         self
@@ -161,6 +167,23 @@ impl EnvoyOpts {
         self.edit = Some(Box::new(f));
         self
     }
+}
+
+/// `envoy/translate.yaml` with this plugin configuration and bootstrap edit, in front of a v1
+/// (`v1`, port 8081) and a v2 (`v2`, port 8082) payments instance.
+pub async fn translate_envoy(
+    plugin_config: Value,
+    edit: impl FnOnce(&mut Value) + 'static,
+) -> (Envoy, Backend, Backend) {
+    let (v1, v2) = Backend::versions("v1", "v2");
+    let envoy = Envoy::start(
+        EnvoyOpts::new("translate")
+            .versions(&v1, &v2)
+            .plugin_config(plugin_config)
+            .edit(edit),
+    )
+    .await;
+    (envoy, v1, v2)
 }
 
 /// Reads a fixture (YAML) as JSON.
@@ -550,6 +573,14 @@ impl Stats {
                 self.similar(name)
             ),
         }
+    }
+
+    /// `handoff_canary_decisions{variant, reason}`, as [`Stats::get`].
+    pub fn decisions(&self, variant: &str, reason: &str) -> f64 {
+        self.get(
+            "handoff_canary_decisions",
+            &[("variant", variant), ("reason", reason)],
+        )
     }
 
     /// [`Stats::get`] for a series that legitimately does not exist yet (a counter defined on
