@@ -124,10 +124,11 @@ istio-sync: image
 	  --manifests istio --render istio
 
 # Manifests against Istio's CRDs (../shared/istio-crds), the config schema and parser's error
-# paths, handoffctl, and every copy of the Lua hold filters against envoy/lua/.
+# paths, handoffctl, every copy of the Lua hold filters against envoy/lua/, and the e2e
+# harness's own checks.
 istio-test:
 	cargo test --test istio_manifests --test config_schema --test config_paths --test handoffctl \
-	  --test hold_filters
+	  --test hold_filters --test harness
 
 # Inspects what `make image` wrote (also with skopeo).
 image-test: image apt-tools
