@@ -61,7 +61,7 @@ def refusal_reason(log):
     m = MISSING_SECTION.search(log)
     if m:
         sec = m.group(1)
-        return "handoff.wasm has no `%s` section" % sec
+        return "handoff.wasm has no `%s` section (a wasm built from older code?)" % sec
     for pat in (r"wasm log [^\n]*invalid configuration[^\n]*", r"\[critical\][^\n]*", r"\[error\][^\n]*"):
         m = re.search(pat, log)
         if m:
