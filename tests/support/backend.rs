@@ -37,6 +37,12 @@ impl Backend {
         }
     }
 
+    /// The two versions the fixtures route to: a v1 instance named `v1_name` and a v2 instance
+    /// named `v2_name` (see `EnvoyOpts::versions`).
+    pub fn versions(v1_name: &str, v2_name: &str) -> (Backend, Backend) {
+        (Backend::start(v1_name, "v1"), Backend::start(v2_name, "v2"))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
