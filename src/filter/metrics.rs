@@ -159,7 +159,10 @@ impl Metrics {
     /// are retried (`retried`), and how they ended: `stored`, `lost` (taken over), `failed`
     /// (refused for good), `expired` (deadline passed), `dropped` (queue full, store changed).
     pub fn idempotency_retry(&self, outcome: &str) {
-        let i = RETRY_OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
+        let i = RETRY_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0);
         inc(self.idempotency_retries[i]);
     }
 
