@@ -13,7 +13,9 @@ use serde_json::{Map, Value};
 
 use super::{ConfigError, RawConfig};
 use crate::canary::{self, RawAnonymousCookie, RawCanary, RawOverride};
-use crate::drain::{self, RawAdmin, RawDrain, RawEnvoyAdmin, RawReadiness, RawUpstreamSignal};
+use crate::drain::{
+    self, RawAdmin, RawDrain, RawEnvoyAdmin, RawReadiness, RawUpstreamSignal, RawWebsocket,
+};
 use crate::idempotency::{self, OnError, RawIdempotency, RawStore, StoreKind, WhenFull};
 use crate::source::Source;
 use crate::translate::{
@@ -269,6 +271,7 @@ fn drain(v: &Value) -> Result<RawDrain> {
             "grace_s",
             "reconnect_jitter_ms",
             "retry_after_s",
+            "websocket",
         ],
     )?;
     Ok(RawDrain {
@@ -295,6 +298,18 @@ fn drain(v: &Value) -> Result<RawDrain> {
         grace_s: o.or("grace_s", u32_, drain::default_grace_s)?,
         reconnect_jitter_ms: o.or("reconnect_jitter_ms", u32_, drain::default_jitter_ms)?,
         retry_after_s: o.or("retry_after_s", u32_, drain::default_retry_after_s)?,
+        websocket: o.opt("websocket", |v| {
+            let o = object(
+                v,
+                "RawWebsocket",
+                &["migration_message", "close_code", "close_reason"],
+            )?;
+            Ok(RawWebsocket {
+                migration_message: o.opt("migration_message", |v| Ok(v.clone()))?,
+                close_code: o.or("close_code", u32_, drain::default_close_code)?,
+                close_reason: o.or("close_reason", string, drain::default_close_reason)?,
+            })
+        })?,
     })
 }
 
