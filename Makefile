@@ -222,7 +222,7 @@ FUZZ_SMOKE_SECONDS ?= 5
 FUZZ_CAPS     := $(strip $(foreach m,translate drain idempotency,$(if $(shell grep -qx 'pub mod $(m);' src/lib.rs && echo y),$(m))))
 FUZZ_TARGETS  := config_parse cookie_query cohort \
   $(if $(filter translate,$(FUZZ_CAPS)),translate_json) \
-  $(if $(filter drain,$(FUZZ_CAPS)),sse_inject) \
+  $(if $(filter drain,$(FUZZ_CAPS)),sse_inject websocket_frames) \
   $(if $(filter idempotency,$(FUZZ_CAPS)),idempotency_key)
 FUZZ_RUN      = RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run --fuzz-dir fuzz $(if $(FUZZ_CAPS),--features '$(FUZZ_CAPS)') $(1) \
   fuzz/corpus/$(1) fuzz/seeds/$(1) fuzz/regressions/$(1) -- -max_total_time=$(2) -print_final_stats=1
