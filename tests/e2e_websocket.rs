@@ -126,14 +126,18 @@ async fn serve(
     let (mut tx, mut rx) = ws.split();
     let record = |m: &Message| {
         if let Message::Close(f) = m {
-            let (code, reason) = f
-                .as_ref()
-                .map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+            let (code, reason) = f.as_ref().map_or((1005, String::new()), |f| {
+                (u16::from(f.code), f.reason.to_string())
+            });
             closes.lock().unwrap().push((code, reason));
         }
     };
     let fragment = |text: &str, op: Data, fin: bool| {
-        Message::Frame(Frame::message(text.as_bytes().to_vec(), OpCode::Data(op), fin))
+        Message::Frame(Frame::message(
+            text.as_bytes().to_vec(),
+            OpCode::Data(op),
+            fin,
+        ))
     };
     match path {
         "/fragments" => {
@@ -189,14 +193,10 @@ struct Seen {
 }
 
 /// Reads `rx` to its end, timing events from `t0`.
-async fn follow(
-    mut rx: futures::stream::SplitStream<
-        tokio_tungstenite::WebSocketStream<
-            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-        >,
-    >,
-    t0: Instant,
-) -> Seen {
+async fn follow<S>(mut rx: S, t0: Instant) -> Seen
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
     let mut seen = Seen::default();
     while let Some(m) = rx.next().await {
         match m {
@@ -208,8 +208,9 @@ async fn follow(
                 _ => seen.messages.push(t.to_string()),
             },
             Ok(Message::Close(f)) => {
-                let (code, reason) = f
-                    .map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                let (code, reason) = f.map_or((1005, String::new()), |f| {
+                    (u16::from(f.code), f.reason.to_string())
+                });
                 seen.close = Some((code, reason, t0.elapsed()));
             }
             Ok(_) => {}
@@ -222,9 +223,8 @@ async fn follow(
     seen
 }
 
-type Client = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(url: &str) -> Client {
     tokio_tungstenite::connect_async(url)
@@ -250,14 +250,22 @@ async fn without_a_drain_every_message_passes_unchanged() {
     }
     // A fragmented message (a ping between its fragments), reassembled by the app's library.
     for (text, op, fin) in [("one-", Data::Text, false), ("two-", Data::Continue, false)] {
-        ws.send(Message::Frame(Frame::message(text.as_bytes().to_vec(), OpCode::Data(op), fin)))
-            .await
-            .unwrap();
-    }
-    ws.send(Message::Ping(b"p".to_vec().into())).await.unwrap();
-    ws.send(Message::Frame(Frame::message(b"three".to_vec(), OpCode::Data(Data::Continue), true)))
+        ws.send(Message::Frame(Frame::message(
+            text.as_bytes().to_vec(),
+            OpCode::Data(op),
+            fin,
+        )))
         .await
         .unwrap();
+    }
+    ws.send(Message::Ping(b"p".to_vec().into())).await.unwrap();
+    ws.send(Message::Frame(Frame::message(
+        b"three".to_vec(),
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await
+    .unwrap();
     let mut got = Vec::new();
     while got.len() < 2 {
         match ws.next().await.unwrap().unwrap() {
@@ -309,7 +317,10 @@ async fn permessage_deflate_passes_unchanged() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("permessage-deflate"), "{stdout}");
     assert_eq!(
-        envoy.stats().await.get("handoff_drain_websocket_malformed", &[]),
+        envoy
+            .stats()
+            .await
+            .get("handoff_drain_websocket_malformed", &[]),
         0.0
     );
 }
@@ -355,7 +366,10 @@ async fn a_drain_migrates_then_closes_50_connections_across_the_jitter() {
     })
     .await;
     assert_eq!(
-        envoy.stats().await.get("handoff_drain_websockets_open", &[]),
+        envoy
+            .stats()
+            .await
+            .get("handoff_drain_websockets_open", &[]),
         f64::from(n)
     );
     // The preStop script starts the drain and waits until nothing is in flight: every socket
@@ -370,9 +384,17 @@ async fn a_drain_migrates_then_closes_50_connections_across_the_jitter() {
     assert_eq!(out.status.code(), Some(0), "{log}");
     let mut closes_ms = Vec::new();
     for c in clients {
-        let seen = tokio::time::timeout(WAIT, c).await.expect("closed").unwrap();
-        let (m, _) = seen.migration.as_ref().unwrap_or_else(|| panic!("{seen:?}"));
-        let after = m["reconnect_after_ms"].as_u64().expect("reconnect_after_ms");
+        let seen = tokio::time::timeout(WAIT, c)
+            .await
+            .expect("closed")
+            .unwrap();
+        let (m, _) = seen
+            .migration
+            .as_ref()
+            .unwrap_or_else(|| panic!("{seen:?}"));
+        let after = m["reconnect_after_ms"]
+            .as_u64()
+            .expect("reconnect_after_ms");
         assert!(after <= jitter, "{seen:?}");
         let (code, reason, at) = seen.close.clone().unwrap_or_else(|| panic!("{seen:?}"));
         assert_eq!((code, reason.as_str()), (1001, "going away"), "{seen:?}");
@@ -400,7 +422,10 @@ async fn a_drain_migrates_then_closes_50_connections_across_the_jitter() {
         .iter()
         .all(|(code, reason)| (*code, reason.as_str()) == (1001, "going away")));
     let s = state(&envoy).await;
-    assert_eq!((s["state"].as_str(), s["inflight"].as_u64()), (Some("draining"), Some(0)));
+    assert_eq!(
+        (s["state"].as_str(), s["inflight"].as_u64()),
+        (Some("draining"), Some(0))
+    );
     wait_for("websocket metrics", WAIT, || async {
         let st = envoy.stats().await;
         let want = f64::from(n);
@@ -439,7 +464,10 @@ async fn the_migration_message_waits_for_the_last_fragment() {
     // A migration message inside the fragmented one would be a protocol error here.
     let mut got = Vec::new();
     while got.len() < 3 {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("a message") {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message")
+        {
             Some(Ok(Message::Text(t))) => got.push(t.to_string()),
             other => panic!("after {got:?}: {other:?}"),
         }
@@ -480,7 +508,10 @@ async fn a_send_only_client_is_closed_and_an_idle_one_is_counted() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    let seen = tokio::time::timeout(WAIT, seen).await.expect("closed").unwrap();
+    let seen = tokio::time::timeout(WAIT, seen)
+        .await
+        .expect("closed")
+        .unwrap();
     pump.abort();
     let (code, reason, at) = seen.close.clone().unwrap_or_else(|| panic!("{seen:?}"));
     assert_eq!((code, reason.as_str()), (1001, "going away"));
@@ -565,16 +596,188 @@ async fn a_start_and_a_cancel_reach_every_worker_within_250_ms() {
     admin(&envoy, reqwest::Method::POST, "?grace_s=600").await;
     let t0 = Instant::now();
     let seen = closed_loop(&envoy, t0, 1000).await;
-    let late: Vec<_> = seen.iter().filter(|(at, _, hint)| *at >= 250 && !hint).collect();
-    assert!(late.is_empty(), "{} of {} without the hint: {late:?}", late.len(), seen.len());
+    let late: Vec<_> = seen
+        .iter()
+        .filter(|(at, _, hint)| *at >= 250 && !hint)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} of {} without the hint: {late:?}",
+        late.len(),
+        seen.len()
+    );
     // Drained at once, then cancelled: no request after the DELETE is refused.
     admin(&envoy, reqwest::Method::DELETE, "").await;
     admin(&envoy, reqwest::Method::POST, "?grace_s=0").await;
     let seen = closed_loop(&envoy, Instant::now(), 500).await;
-    assert!(seen.iter().filter(|(at, _, _)| *at >= 250).all(|(_, s, _)| *s == 503));
+    assert!(seen
+        .iter()
+        .filter(|(at, _, _)| *at >= 250)
+        .all(|(_, s, _)| *s == 503));
     admin(&envoy, reqwest::Method::DELETE, "").await;
     let seen = closed_loop(&envoy, Instant::now(), 500).await;
     let refused = seen.iter().filter(|(_, s, _)| *s == 503).count();
-    assert_eq!(refused, 0, "{refused} of {} answered 503 after the DELETE", seen.len());
-    eprintln!("closed loop after DELETE: {} requests, none refused", seen.len());
+    assert_eq!(
+        refused,
+        0,
+        "{refused} of {} answered 503 after the DELETE",
+        seen.len()
+    );
+    eprintln!(
+        "closed loop after DELETE: {} requests, none refused",
+        seen.len()
+    );
+}
+
+/// An HTTP/2 stream (RFC 8441 extended CONNECT) as the byte stream a WebSocket runs over.
+struct H2Stream {
+    send: h2::SendStream<bytes::Bytes>,
+    recv: h2::RecvStream,
+    buf: bytes::Bytes,
+}
+
+impl tokio::io::AsyncRead for H2Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if !this.buf.is_empty() {
+                let n = out.remaining().min(this.buf.len());
+                out.put_slice(&this.buf.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            match std::task::ready!(this.recv.poll_data(cx)) {
+                Some(Ok(b)) => {
+                    let _ = this.recv.flow_control().release_capacity(b.len());
+                    this.buf = b;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for H2Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        this.send.reserve_capacity(data.len());
+        match std::task::ready!(this.send.poll_capacity(cx)) {
+            Some(Ok(n)) => {
+                let n = n.min(data.len());
+                this.send
+                    .send_data(bytes::Bytes::copy_from_slice(&data[..n]), false)
+                    .map_err(std::io::Error::other)?;
+                Poll::Ready(Ok(n))
+            }
+            Some(Err(e)) => Poll::Ready(Err(std::io::Error::other(e))),
+            None => Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let _ = self.get_mut().send.send_data(bytes::Bytes::new(), true);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn an_http2_extended_connect_websocket_is_drained_too() {
+    let app = App::start().await;
+    let envoy = start(
+        app.port,
+        1,
+        drain_config(|d| {
+            d["reconnect_jitter_ms"] = json!(500);
+            d["grace_s"] = json!(5);
+        }),
+    )
+    .await;
+    let port = envoy.port(10000);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    // Envoy's SETTINGS arrive with the first exchange.
+    wait_for("SETTINGS_ENABLE_CONNECT_PROTOCOL", WAIT, || {
+        let on = client.is_extended_connect_protocol_enabled();
+        async move { on.then_some(()) }
+    })
+    .await;
+    let req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri(format!("http://127.0.0.1:{port}/push"))
+        .header("sec-websocket-version", "13")
+        // The HTTP/1.1 app behind Envoy checks the key of the upgrade Envoy makes of this.
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .extension(h2::ext::Protocol::from_static("websocket"))
+        .body(())
+        .unwrap();
+    let (response, send) = client.send_request(req, false).expect("CONNECT sent");
+    let response = response.await.expect("CONNECT answered");
+    assert_eq!(response.status(), 200, "{response:?}");
+    let stream = H2Stream {
+        send,
+        recv: response.into_body(),
+        buf: bytes::Bytes::new(),
+    };
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        stream,
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    let (_tx, mut rx) = ws.split();
+    match tokio::time::timeout(WAIT, rx.next())
+        .await
+        .expect("a message")
+    {
+        Some(Ok(Message::Text(t))) => assert!(t.starts_with("tick"), "{t}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        envoy
+            .stats()
+            .await
+            .get("handoff_drain_websockets_open", &[]),
+        1.0
+    );
+    admin(&envoy, reqwest::Method::POST, "").await;
+    let seen = tokio::time::timeout(WAIT, follow(rx, Instant::now()))
+        .await
+        .expect("closed");
+    assert!(seen.migration.is_some() && seen.in_order, "{seen:?}");
+    assert_eq!(
+        seen.close.as_ref().map(|c| (c.0, c.1.as_str())),
+        Some((1001, "going away")),
+        "{seen:?}"
+    );
+    wait_for("the app saw the Close", WAIT, || async {
+        (app.closes() == [(1001, "going away".to_string())]).then_some(())
+    })
+    .await;
 }
