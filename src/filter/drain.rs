@@ -361,12 +361,11 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Option<Action
     let config = http.config.clone();
     let d = config.drain.as_ref()?;
     let cached = http.drain.cache.get();
-    let path = http.head.path().map(str::to_string);
     // The clock is read only when the cached state is not serving.
     let now = if cached.source.is_some() { now_ms() } else { 0 };
-    match flow::on_request(d, path.as_deref(), &cached, STORE, now) {
+    match flow::on_request(d, http.head.path(), &cached, STORE, now) {
         RequestStep::Admin => {
-            let path = path.unwrap_or_default();
+            let path = http.head.path().unwrap_or_default().to_string();
             Some(admin_request(http, d, &path, end_of_stream))
         }
         RequestStep::Drained(reply) => {
