@@ -591,7 +591,11 @@ async fn closed_loop(envoy: &Envoy, t0: Instant, for_ms: u64) -> Vec<(u64, u16, 
 #[tokio::test]
 async fn a_start_and_a_cancel_reach_every_worker_within_250_ms() {
     let app = Backend::start("app", "v1");
-    let envoy = start(app.addr.port(), 2, drain_config(|_| {})).await;
+    // Plain requests: the websocket part plays no role here.
+    let config = drain_config(|d| {
+        d.as_object_mut().unwrap().remove("websocket");
+    });
+    let envoy = start(app.addr.port(), 2, config).await;
     // Start: every request sent 250 ms after the POST answered carries the hint.
     admin(&envoy, reqwest::Method::POST, "?grace_s=600").await;
     let t0 = Instant::now();
