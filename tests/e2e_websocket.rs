@@ -89,6 +89,8 @@ impl App {
                 let (c, f, r) = (c.clone(), f.clone(), r.clone());
                 tokio::spawn(async move {
                     let mut path = String::new();
+                    // tungstenite's handshake callback type, not ours.
+                    #[allow(clippy::result_large_err)]
                     let callback = |req: &Request, resp: Response| {
                         path = req.uri().path().to_string();
                         Ok(resp)

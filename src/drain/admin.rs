@@ -140,9 +140,9 @@ pub fn start_grace(request_path: &str, body: Option<&[u8]>) -> Result<Option<u32
 }
 
 /// `{"grace_s": N}` (or `{}`) read through a `Value`, not a derived `Deserialize`: a typed
-/// serde_json deserializer would bring core's float formatting into the wasm (issue 7).
+/// serde_json deserializer would bring core's float formatting (kilobytes) into the wasm.
 fn grace_in_body(body: &[u8]) -> Result<Option<String>, String> {
-    let value = crate::config::json_value(body)?;
+    let value = crate::config::strict::value(body)?;
     let Some(fields) = value.as_object() else {
         return Err("expected a JSON object such as {\"grace_s\": 30}".to_string());
     };
@@ -168,9 +168,9 @@ pub fn status_json(phase: Phase, since_ms: u64, inflight: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::config::parse_sha256_hex;
     use super::super::DEFAULT_ADMIN_PATH;
     use super::*;
+    use crate::config::drain::parse_sha256_hex;
 
     const TOKEN_HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 

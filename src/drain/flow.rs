@@ -326,7 +326,8 @@ pub fn on_readiness(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::drain::{init, PollLease, RawDrain, LEASE_KEY, STATE_KEY};
+    use crate::config::drain::RawDrain;
+    use crate::drain::{init, PollLease, LEASE_KEY, STATE_KEY};
     use crate::shared::Memory;
 
     fn drain(json: &str) -> Drain {
