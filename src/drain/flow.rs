@@ -30,7 +30,7 @@ pub struct Change {
 fn attempt(
     store: &dyn SharedData,
     started: Option<DrainSource>,
-    f: impl Fn(&DrainState) -> Option<DrainState>,
+    f: &dyn Fn(&DrainState) -> Option<DrainState>,
 ) -> Change {
     let (state, changed, failed) = match transition(store, f) {
         Update::Written(s) => (s, true, false),
@@ -47,11 +47,11 @@ fn attempt(
 
 /// Starts a drain (`None` grace: the configured one).
 pub fn start(store: &dyn SharedData, source: DrainSource, now_ms: u64, grace_s: u32) -> Change {
-    attempt(store, Some(source), |s| s.start(source, now_ms, grace_s))
+    attempt(store, Some(source), &|s| s.start(source, now_ms, grace_s))
 }
 
 pub fn cancel(store: &dyn SharedData, by: CancelBy, now_ms: u64) -> Change {
-    attempt(store, None, |s| s.cancel(by, now_ms))
+    attempt(store, None, &|s| s.cancel(by, now_ms))
 }
 
 /// An admin request as the glue read it.

@@ -161,21 +161,38 @@ pub fn read_state(store: &dyn SharedData) -> DrainState {
         .unwrap_or(DrainState::serving(0))
 }
 
+/// The one instantiation of [`update`] for every drain record (each would otherwise be a copy of
+/// the loop in the wasm): `f` returns the bytes to write, or `None` to keep the value, and keeps
+/// whatever else it decided in its captures (the last run is the one that counts).
+type Decide<'a> = dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>> + 'a;
+
+fn cas(store: &dyn SharedData, key: &str, f: &mut Decide) -> Update<()> {
+    update(store, key, CAS_ATTEMPTS, |v| match f(v) {
+        Some(bytes) => Step::Write(bytes, ()),
+        None => Step::Keep(()),
+    })
+}
+
 /// Applies `f` to the shared state. `Written`: this call made the transition; `Unchanged`: `f`
 /// had nothing to do given the state now in effect; `Failed`: contention or the host refused.
 pub fn transition(
     store: &dyn SharedData,
-    f: impl Fn(&DrainState) -> Option<DrainState>,
+    f: &dyn Fn(&DrainState) -> Option<DrainState>,
 ) -> Update<DrainState> {
-    update(store, STATE_KEY, CAS_ATTEMPTS, |v| {
+    let mut seen = DrainState::serving(0);
+    let out = cas(store, STATE_KEY, &mut |v| {
         let current = v
             .and_then(DrainState::decode)
             .unwrap_or(DrainState::serving(0));
-        match f(&current) {
-            Some(next) => Step::Write(next.encode().to_vec(), next),
-            None => Step::Keep(current),
-        }
-    })
+        let next = f(&current);
+        seen = next.unwrap_or(current);
+        next.map(|n| n.encode().to_vec())
+    });
+    match out {
+        Update::Written(()) => Update::Written(seen),
+        Update::Unchanged(()) => Update::Unchanged(seen),
+        Update::Failed(e) => Update::Failed(e),
+    }
 }
 
 pub fn inflight_key(worker: u64) -> String {
@@ -213,12 +230,9 @@ pub fn read_inflight(store: &dyn SharedData, now_ms: u64, tick_ms: u32) -> u64 {
 /// attempt lost its race.
 pub fn register_worker(store: &dyn SharedData, me: u64, now_ms: u64, tick_ms: u32) -> bool {
     let live = |id: u64| read_worker(store, id).is_some_and(|w| w.live(now_ms, tick_ms));
-    let out = update(store, WORKERS_KEY, CAS_ATTEMPTS, |v| {
+    let out = cas(store, WORKERS_KEY, &mut |v| {
         let ids = v.map_or_else(Vec::new, decode_workers);
-        match with_worker(&ids, me, &live) {
-            Some(next) => Step::Write(encode_workers(&next), ()),
-            None => Step::Keep(()),
-        }
+        with_worker(&ids, me, &live).map(|next| encode_workers(&next))
     });
     !matches!(out, Update::Failed(_))
 }
@@ -230,13 +244,12 @@ fn read_lease(v: Option<&[u8]>) -> PollLease {
 /// Takes or renews the readiness poller lease for `me`; false when another live worker holds
 /// it (or the write failed).
 pub fn acquire_lease(store: &dyn SharedData, me: u64, now_ms: u64, ttl_ms: u64) -> bool {
-    let out = update(store, LEASE_KEY, CAS_ATTEMPTS, |v| {
-        match read_lease(v).acquire(me, now_ms, ttl_ms) {
-            Some(next) => Step::Write(next.encode().to_vec(), true),
-            None => Step::Keep(false),
-        }
+    let out = cas(store, LEASE_KEY, &mut |v| {
+        read_lease(v)
+            .acquire(me, now_ms, ttl_ms)
+            .map(|next| next.encode().to_vec())
     });
-    matches!(out, Update::Written(true))
+    matches!(out, Update::Written(()))
 }
 
 /// Records one readiness answer in the lease. `Nothing` when another worker took over polling
@@ -247,16 +260,18 @@ pub fn record_readiness(
     ready: bool,
     threshold: u32,
 ) -> ReadinessVerdict {
-    let out = update(store, LEASE_KEY, CAS_ATTEMPTS, |v| {
+    let mut verdict = ReadinessVerdict::Nothing;
+    let out = cas(store, LEASE_KEY, &mut |v| {
         let lease = read_lease(v);
         if lease.owner != me {
-            return Step::Keep(ReadinessVerdict::Nothing);
+            return None;
         }
-        let (next, verdict) = lease.record(ready, threshold);
-        Step::Write(next.encode().to_vec(), verdict)
+        let (next, v) = lease.record(ready, threshold);
+        verdict = v;
+        Some(next.encode().to_vec())
     });
     match out {
-        Update::Written(v) => v,
+        Update::Written(()) => verdict,
         _ => ReadinessVerdict::Nothing,
     }
 }
@@ -317,7 +332,7 @@ mod tests {
         init(&m, 5);
         assert_eq!(read_state(&m), DrainState::serving(5));
         m.lose_next_races(3);
-        let out = transition(&m, |s| s.start(DrainSource::Admin, 10, 3));
+        let out = transition(&m, &|s| s.start(DrainSource::Admin, 10, 3));
         let Update::Written(d) = out else {
             panic!("{out:?}")
         };
@@ -326,13 +341,13 @@ mod tests {
         // A second start finds the drain running: nothing written.
         let writes = m.writes();
         assert_eq!(
-            transition(&m, |s| s.start(DrainSource::Readiness, 11, 3)),
+            transition(&m, &|s| s.start(DrainSource::Readiness, 11, 3)),
             Update::Unchanged(d)
         );
         assert_eq!(m.writes(), writes);
         m.lose_next_races(CAS_ATTEMPTS);
         assert_eq!(
-            transition(&m, |s| s.cancel(super::super::CancelBy::Admin, 12)),
+            transition(&m, &|s| s.cancel(super::super::CancelBy::Admin, 12)),
             Update::Failed(WriteError::CasMismatch)
         );
         assert_eq!(read_state(&m), d, "a lost race writes nothing");
