@@ -373,17 +373,13 @@ impl Connection {
             }
             _ => None,
         };
-        // A Close goes after the first whole frame of the chunk, or first of all when the
-        // chunk starts with the peer's own Close (which it then replaces).
-        let close = due
-            .then(|| {
-                if was_at_frame && chunk[0] & 0x0F == OP_CLOSE {
-                    Some(0)
-                } else {
-                    bounds.first().map(|b| b.at)
-                }
-            })
-            .flatten();
+        // A Close goes after the first whole frame of the chunk, or in its place when that
+        // frame is the peer's own Close (whole in this chunk: the frame is known to be one).
+        let close = match bounds.first() {
+            Some(b) if due && was_at_frame && b.opcode == OP_CLOSE => Some(0),
+            Some(b) if due => Some(b.at),
+            _ => None,
+        };
         let mut edit = Edit::default();
         let mut out = Vec::with_capacity(chunk.len() + 256);
         let mut from = 0;
@@ -663,6 +659,32 @@ mod tests {
         assert_eq!(
             e.replace.unwrap(),
             [msg, close_frame(1001, "going away", None)].concat()
+        );
+    }
+
+    #[test]
+    fn only_a_whole_close_frame_is_replaced() {
+        let cfg = config(false);
+        let d = draining(0);
+        // A chunk that only starts like a Close: nothing is known yet, nothing changes.
+        let mut c = Connection::default();
+        let e = run(&mut c, Direction::ToClient, &[0x88], &d, 10_000, &cfg);
+        assert_eq!(e, Edit::default());
+        // The rest turns out malformed: passed through untouched.
+        let e = run(
+            &mut c,
+            Direction::ToClient,
+            &[0x80, 0, 0, 0, 0],
+            &d,
+            10_000,
+            &cfg,
+        ); // masked
+        assert_eq!(
+            e,
+            Edit {
+                malformed: true,
+                ..Edit::default()
+            }
         );
     }
 
