@@ -14,15 +14,15 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::host::{header_present, random_bytes};
+use super::host::{admin_caller, header_present, random_bytes};
 use super::metrics::Metrics;
 use super::shared::HostShared;
 use super::{Http, Root};
 use crate::drain::flow::{self, AdminRequest, AdminStep, Change, RequestStep, ResponseHead};
 use crate::drain::websocket::{Connection, Direction, Moment};
 use crate::drain::{
-    hint_ms, inflight_key, is_loopback_request, is_ready, read_inflight, read_state,
-    reconnect_event, Drain, DrainState, ReadinessVerdict, SseScanner, WorkerInflight, HINT_HEADER,
+    hint_ms, inflight_key, is_ready, read_inflight, read_state, reconnect_event, Drain, DrainState,
+    ReadinessVerdict, SseScanner, WorkerInflight, HINT_HEADER,
 };
 
 const STORE: &HostShared = &HostShared;
@@ -392,26 +392,14 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
     let Some(admin) = d.admin.as_ref() else {
         return Action::Continue;
     };
-    let address = |side: &str| {
-        hostcalls::get_property(vec![side, "address"])
-            .ok()
-            .flatten()
-            .and_then(|b| String::from_utf8(b).ok())
-    };
-    let peer = address("source");
-    let loopback = is_loopback_request(
-        peer.as_deref(),
-        address("destination").as_deref(),
-        header_present(MapType::HttpRequestHeaders, "x-forwarded-for"),
-    );
-    let authorization = request_bytes("authorization").and_then(|b| String::from_utf8(b).ok());
+    let caller = admin_caller();
     let has_body = !end_of_stream && request_bytes("content-length").as_deref() != Some(b"0");
     let method = http.head.method().unwrap_or_default().to_string();
     let req = AdminRequest {
         method: &method,
         path,
-        loopback,
-        authorization: authorization.as_deref(),
+        loopback: caller.loopback,
+        authorization: caller.authorization.as_deref(),
         has_body,
     };
     let step = flow::admin_request(d, admin, &req, STORE, now_ms());
@@ -419,7 +407,7 @@ fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) ->
         warn!(
             "handoff[{}]: drain admin request refused from {}",
             http.context_id,
-            peer.as_deref().unwrap_or("an unknown peer")
+            caller.peer.as_deref().unwrap_or("an unknown peer")
         );
     }
     perform_admin(http, d, path, step)

@@ -128,6 +128,46 @@ impl Head {
     }
 }
 
+/// Who calls an admin path, as the host tells it.
+pub struct AdminCaller {
+    /// From this host (see [`crate::drain::is_loopback_request`]).
+    pub loopback: bool,
+    /// The `authorization` header (absent when missing or not UTF-8).
+    pub authorization: Option<String>,
+    /// The peer address, for a log line.
+    pub peer: Option<String>,
+}
+
+pub fn admin_caller() -> AdminCaller {
+    let address = |side: &str| {
+        hostcalls::get_property(vec![side, "address"])
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+    };
+    let peer = address("source");
+    let loopback = crate::drain::is_loopback_request(
+        peer.as_deref(),
+        address("destination").as_deref(),
+        header_present(MapType::HttpRequestHeaders, "x-forwarded-for"),
+    );
+    AdminCaller {
+        loopback,
+        authorization: request_header("authorization"),
+        peer,
+    }
+}
+
+/// Whether an admin request may pass: a loopback request or the bearer token whose SHA-256 is
+/// `token_sha256`. `Err` names the refused peer, for the log line.
+pub fn admin_allowed(token_sha256: Option<&[u8; 32]>) -> Result<(), String> {
+    let c = admin_caller();
+    match crate::drain::authorize(c.loopback, c.authorization.as_deref(), token_sha256) {
+        crate::drain::AdminAuth::Denied => Err(c.peer.unwrap_or_else(|| "an unknown peer".into())),
+        _ => Ok(()),
+    }
+}
+
 /// 16 random bytes from the host (WASI `random_get`).
 pub fn random_bytes() -> [u8; 16] {
     let mut buf = [0u8; 16];
