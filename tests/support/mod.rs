@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod backend;
+pub mod drain;
 pub mod etcd;
 pub mod lds;
 pub mod tokens;
