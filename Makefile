@@ -104,6 +104,8 @@ validate: build bench-noop
 	    && echo "valid: $$f" || { cat validate.log; echo "INVALID: $$f"; exit 1; }; done; rm -f validate.log
 	@# bench fixtures: a config needing a handoff section this wasm lacks is reported as skipped
 	python3 bench/bench.py validate
+	@$(ENVOY) --mode validate -c bench/drain-clients/mesh-client.yaml -l error >/dev/null \
+	  && echo "valid: bench/drain-clients/mesh-client.yaml"
 
 # The OCI image of the wasm in the layout Istio pulls for oci:// URLs, written by handoffctl (no
 # container engine), and copies of istio/ with every sha256 pinned to this build. Push it with

@@ -67,8 +67,12 @@ async fn fetch(client: &reqwest::Client, url: &str) -> Outcome {
     }
 }
 
-/// `LOOPS` tasks sending GET requests back to back through one client (its own pool) until
-/// stopped.
+/// `LOOPS` tasks sending GET requests back to back until stopped, each through its own client
+/// (`make_client()`), as independent callers do. Tasks sharing one HTTP/2 client would also
+/// measure a hyper-util race (a request waiting for a freshly opened connection that gets
+/// GOAWAY before the request is sent fails with "connection was not ready" and is not retried,
+/// hyperium/hyper-util#150): about 1 request in 5,000 in `make drain-clients`, a client defect
+/// that docs/drain-clients.md reports, not the drain's.
 struct ClosedLoop {
     name: &'static str,
     outcomes: Arc<Mutex<Vec<Outcome>>>,
@@ -77,13 +81,13 @@ struct ClosedLoop {
 }
 
 impl ClosedLoop {
-    fn start(name: &'static str, client: reqwest::Client, url: String) -> ClosedLoop {
+    fn start(name: &'static str, make_client: fn() -> reqwest::Client, url: String) -> ClosedLoop {
         let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
         let stop: Arc<AtomicBool> = Arc::default();
         let tasks = (0..LOOPS)
             .map(|_| {
                 let (client, url, outcomes, stop) =
-                    (client.clone(), url.clone(), outcomes.clone(), stop.clone());
+                    (make_client(), url.clone(), outcomes.clone(), stop.clone());
                 tokio::spawn(async move {
                     while !stop.load(Ordering::SeqCst) {
                         let o = fetch(&client, &url).await;
@@ -173,8 +177,8 @@ async fn compliant_clients_see_no_error_through_a_drain_and_every_worker_serves_
     let url = envoy.url("/hello");
     let t0 = Instant::now();
     let loops = [
-        ClosedLoop::start("reqwest HTTP/2", support::h2(), url.clone()),
-        ClosedLoop::start("reqwest HTTP/1.1", h1(), url.clone()),
+        ClosedLoop::start("reqwest HTTP/2", support::h2, url.clone()),
+        ClosedLoop::start("reqwest HTTP/1.1", h1, url.clone()),
     ];
     wait_for("both loops served", WAIT, || async {
         loops
