@@ -73,9 +73,9 @@ wasm-bindgen:
 
 build: rust-targets $(WASM_OPT)
 	cargo build --release --target wasm32-wasip1 --lib
-	@# binaryen's wasm-opt shrinks cargo's output (issue 7: start-up and image size). cargo's
-	@# own file stays untouched (cargo hard-links it to $(WASM)); the optimized copy replaces
-	@# that link. It is redone only when cargo's output or the flags changed (cargo relinks the
+	@# binaryen's wasm-opt shrinks cargo's output (a smaller module starts faster and ships
+	@# lighter). cargo's own file stays untouched (cargo hard-links it to $(WASM)); the optimized
+	@# copy replaces that link. It is redone only when cargo's output or the flags changed (cargo relinks the
 	@# same bytes whenever the example build above alternates with this one).
 	@stamp="$$(sha256sum < $(WASM_CARGO)) $(WASM_OPT_FLAGS)"; \
 	if [ "$$(cat $(WASM_OPTIMIZED).from 2>/dev/null)" != "$$stamp" ]; then \
@@ -149,7 +149,7 @@ run: setup build
 	cargo build --quiet --example payments
 	@scripts/run-demo.sh
 
-# Benchmark (issue 7): never part of `make test`. See README "Benchmark".
+# Benchmark: never part of `make test`. See README "Benchmark".
 NOOP_WASM   := bench/noop/target/wasm32-wasip1/release/noop.wasm
 BENCH_PY    := bench/.venv/bin/python
 
@@ -212,16 +212,11 @@ deny: $(CARGO_DENY)
 
 # Fuzzing with cargo-fuzz (libFuzzer + AddressSanitizer) on the stable toolchain:
 # RUSTC_BOOTSTRAP=1 lets stable accept the -Z flags cargo-fuzz passes (stable's rust-std ships
-# the sanitizer runtimes). Targets for capabilities whose module is in src/lib.rs are added
-# automatically (their fuzz crate feature switched on).
+# the sanitizer runtimes).
 FUZZ_SECONDS ?= 60
 FUZZ_SMOKE_SECONDS ?= 5
-FUZZ_CAPS     := $(strip $(foreach m,translate drain idempotency,$(if $(shell grep -qx 'pub mod $(m);' src/lib.rs && echo y),$(m))))
-FUZZ_TARGETS  := config_parse cookie_query cohort \
-  $(if $(filter translate,$(FUZZ_CAPS)),translate_json) \
-  $(if $(filter drain,$(FUZZ_CAPS)),sse_inject) \
-  $(if $(filter idempotency,$(FUZZ_CAPS)),idempotency_key)
-FUZZ_RUN      = RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run --fuzz-dir fuzz $(if $(FUZZ_CAPS),--features '$(FUZZ_CAPS)') $(1) \
+FUZZ_TARGETS  := config_parse cookie_query cohort translate_json sse_inject idempotency_key
+FUZZ_RUN      = RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run --fuzz-dir fuzz $(1) \
   fuzz/corpus/$(1) fuzz/seeds/$(1) fuzz/regressions/$(1) -- -max_total_time=$(2) -print_final_stats=1
 
 fuzz: $(CARGO_FUZZ)
@@ -240,7 +235,7 @@ fuzz-smoke: $(CARGO_FUZZ)
 	    && echo "fuzz smoke ok: $$t ($$(grep -o 'Done [0-9]* runs' fuzz/smoke-$$t.log))" \
 	    || { tail -40 fuzz/smoke-$$t.log; echo "fuzz $$t found a crash: see fuzz/artifacts/$$t"; exit 1; }; done
 
-# --- Rollout scenario (issue 8) ---------------------------------------------------------------
+# --- Rollout scenario -----------------------------------------------------------------------
 # The full profile: several minutes of load, writes bench/rollout.md. `make test` runs the
 # small profile through `cargo test --test rollout`.
 rollout: setup build

@@ -50,9 +50,6 @@ NOOP_WASM = "bench/noop/target/wasm32-wasip1/release/noop.wasm"
 PAYMENTS_BIN = "target/release/examples/payments"
 MIB = 1024 * 1024
 
-# Which issue brings which handoff section (for "skipped: ..." reasons).
-SECTION_ISSUE = {"translate": 3, "idempotency": 4, "drain": 5, "canary": 1}
-
 # ---------------------------------------------------------------------------------------------
 # Payloads: the payments example of the translate contract, padded with a `description` and an
 # `items` array that both versions name the same way, so Envoy's transform filter (D2) can carry
@@ -96,8 +93,8 @@ BODIES = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# handoff plugin configurations, written from the issue contracts (#1 canary, #3 translate,
-# #4 idempotency, #5 drain).
+# handoff plugin configurations, written from each capability's contract (canary, translate,
+# idempotency, drain).
 # ---------------------------------------------------------------------------------------------
 
 CANARY = {"salt": "bench-2026", "percent": 50, "user_id": [{"header": "x-user-id"}], "route_header": "x-canary-variant"}
@@ -624,9 +621,7 @@ MISSING_SECTION = re.compile(r"invalid configuration at `([a-z_]+)`: unknown fie
 def refusal_reason(log):
     m = MISSING_SECTION.search(log)
     if m:
-        sec = m.group(1)
-        issue = SECTION_ISSUE.get(sec)
-        return "handoff.wasm has no `%s` section yet%s" % (sec, " (issue %d not merged)" % issue if issue else "")
+        return "handoff.wasm has no `%s` section (a wasm built from older code?)" % m.group(1)
     for pat in (r"wasm log [^\n]*invalid configuration[^\n]*", r"\[critical\][^\n]*", r"\[error\][^\n]*"):
         m = re.search(pat, log)
         if m:
@@ -1284,7 +1279,7 @@ def render(data):
              "translation). The ratios are of medians.\n")
 
     # Targets
-    L.append("## Targets (issue 7)\n")
+    L.append("## Targets\n")
     L.append("| target | figures | result |")
     L.append("| --- | --- | --- |")
     missed = []

@@ -6,12 +6,10 @@
 //! the percent only ever moves users from stable to canary.
 
 use hmac::{Hmac, Mac};
-use serde::Deserialize;
 use sha2::Sha256;
 use std::collections::HashSet;
 
-use crate::config::{check_header_name, ConfigError};
-use crate::source::{cookie_value, RequestView, Source, MAX_VALUE_LEN};
+use crate::source::{cookie_value, RequestView, Source};
 
 pub const BUCKETS: u32 = 10_000;
 
@@ -89,52 +87,6 @@ pub fn threshold(percent: f64) -> u32 {
     (percent * 100.0).round().clamp(0.0, BUCKETS as f64) as u32
 }
 
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RawCanary {
-    pub salt: String,
-    pub percent: f64,
-    #[serde(default)]
-    pub user_id: Vec<Source>,
-    #[serde(default = "default_route_header")]
-    pub route_header: String,
-    #[serde(default)]
-    pub allow: Vec<String>,
-    #[serde(default)]
-    pub deny: Vec<String>,
-    pub anonymous_cookie: Option<RawAnonymousCookie>,
-    #[serde(rename = "override")]
-    pub override_: Option<RawOverride>,
-    #[serde(default)]
-    pub response_header: bool,
-}
-
-pub(crate) fn default_route_header() -> String {
-    "x-canary-variant".to_string()
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RawAnonymousCookie {
-    pub name: String,
-    #[serde(default = "default_max_age")]
-    pub max_age_s: u64,
-}
-
-pub(crate) fn default_max_age() -> u64 {
-    30 * 24 * 3600
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RawOverride {
-    pub header: String,
-    pub secret: String,
-}
-
 /// A validated canary section.
 #[derive(Debug, Clone)]
 pub struct Canary {
@@ -159,118 +111,7 @@ pub struct AnonymousCookie {
 #[derive(Debug, Clone)]
 pub struct Override {
     pub header: String,
-    secret: Vec<u8>,
-}
-
-impl RawCanary {
-    pub fn validate(self) -> Result<Canary, ConfigError> {
-        if self.salt.is_empty() {
-            return Err(ConfigError::new("salt", "expected a non-empty string"));
-        }
-        let p = self.percent;
-        if !(0.0..=100.0).contains(&p) || ((p * 100.0).round() - p * 100.0).abs() > 1e-6 {
-            return Err(ConfigError::new(
-                "percent",
-                format!(
-                    "expected a number from 0 to 100 with at most two decimals, got {}",
-                    // As JSON writes it: no core float formatting in the wasm (issue 7).
-                    serde_json::Number::from_f64(p).map_or(String::new(), |n| n.to_string())
-                ),
-            ));
-        }
-        for (i, s) in self.user_id.iter().enumerate() {
-            s.validate()
-                .map_err(|m| ConfigError::new(format!("user_id[{i}]"), m))?;
-        }
-        if self.user_id.is_empty() && self.anonymous_cookie.is_none() {
-            return Err(ConfigError::new(
-                "user_id",
-                "expected at least one source such as {\"header\": \"x-user-id\"} \
-                 (or an anonymous_cookie)",
-            ));
-        }
-        check_header_name(&self.route_header).map_err(|m| ConfigError::new("route_header", m))?;
-        let allow = id_set(self.allow, "allow")?;
-        let deny = id_set(self.deny, "deny")?;
-        let anonymous_cookie = match self.anonymous_cookie {
-            Some(c) => {
-                if !is_cookie_name(&c.name) {
-                    return Err(ConfigError::new(
-                        "anonymous_cookie.name",
-                        format!(
-                            "expected a cookie name (token characters), got {:?}",
-                            c.name
-                        ),
-                    ));
-                }
-                if c.max_age_s == 0 {
-                    return Err(ConfigError::new(
-                        "anonymous_cookie.max_age_s",
-                        "expected a positive number of seconds",
-                    ));
-                }
-                Some(AnonymousCookie {
-                    name: c.name,
-                    max_age_s: c.max_age_s,
-                })
-            }
-            None => None,
-        };
-        let override_ = match self.override_ {
-            Some(o) => {
-                check_header_name(&o.header).map_err(|m| ConfigError::new("override.header", m))?;
-                if o.header == self.route_header {
-                    return Err(ConfigError::new(
-                        "override.header",
-                        "expected a header other than route_header",
-                    ));
-                }
-                if o.secret.len() < 8 {
-                    return Err(ConfigError::new(
-                        "override.secret",
-                        "expected a secret of at least 8 characters",
-                    ));
-                }
-                Some(Override {
-                    header: o.header,
-                    secret: o.secret.into_bytes(),
-                })
-            }
-            None => None,
-        };
-        Ok(Canary {
-            salt: self.salt,
-            percent: p,
-            threshold: threshold(p),
-            user_id: self.user_id,
-            route_header: self.route_header,
-            allow,
-            deny,
-            anonymous_cookie,
-            override_,
-            response_header: self.response_header,
-        })
-    }
-}
-
-fn id_set(ids: Vec<String>, field: &str) -> Result<HashSet<String>, ConfigError> {
-    if let Some(i) = ids
-        .iter()
-        .position(|id| id.is_empty() || id.len() > MAX_VALUE_LEN)
-    {
-        return Err(ConfigError::new(
-            format!("{field}[{i}]"),
-            format!("expected a non-empty user id of at most {MAX_VALUE_LEN} bytes"),
-        ));
-    }
-    Ok(ids.into_iter().collect())
-}
-
-fn is_cookie_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    pub(crate) secret: Vec<u8>,
 }
 
 /// The outcome for one request.
@@ -412,6 +253,7 @@ impl Override {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::canary::RawCanary;
     use crate::source::fake::FakeRequest;
     use proptest::prelude::*;
 

@@ -13,95 +13,13 @@
 //! request authorization, the reconnect hint, and the SSE `reconnect` event injection. The
 //! filter (`filter::drain`) reads the host and applies the decisions.
 
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
-
-use crate::config::{check_header_name, ConfigError};
 
 pub const HINT_HEADER: &str = "x-handoff-reconnect-after-ms";
 pub const DEFAULT_ADMIN_PATH: &str = "/.well-known/handoff/drain";
 /// The README anchor of the 503 problem answered after the grace period.
 pub const DRAINED_ANCHOR: &str = "drain-drained";
 pub const FORBIDDEN_ANCHOR: &str = "drain-admin-forbidden";
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RawDrain {
-    pub admin: Option<RawAdmin>,
-    pub upstream_signal: Option<RawUpstreamSignal>,
-    pub readiness: Option<RawReadiness>,
-    pub envoy_admin: Option<RawEnvoyAdmin>,
-    #[serde(default = "default_grace_s")]
-    pub grace_s: u32,
-    #[serde(default = "default_jitter_ms")]
-    pub reconnect_jitter_ms: u32,
-    #[serde(default = "default_retry_after_s")]
-    pub retry_after_s: u32,
-}
-
-pub(crate) fn default_grace_s() -> u32 {
-    10
-}
-pub(crate) fn default_jitter_ms() -> u32 {
-    5000
-}
-pub(crate) fn default_retry_after_s() -> u32 {
-    1
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RawAdmin {
-    #[serde(default = "default_admin_path")]
-    pub path: String,
-    /// Hex SHA-256 of the bearer token accepted from non-loopback peers.
-    pub token_sha256: Option<String>,
-}
-
-pub(crate) fn default_admin_path() -> String {
-    DEFAULT_ADMIN_PATH.to_string()
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RawUpstreamSignal {
-    pub header: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RawReadiness {
-    pub cluster: String,
-    /// Defaults to the cluster name.
-    pub authority: Option<String>,
-    #[serde(default = "default_ready_path")]
-    pub path: String,
-    #[serde(default = "default_interval_ms")]
-    pub interval_ms: u32,
-    #[serde(default = "default_failure_threshold")]
-    pub failure_threshold: u32,
-}
-
-pub(crate) fn default_ready_path() -> String {
-    "/ready".to_string()
-}
-pub(crate) fn default_interval_ms() -> u32 {
-    1000
-}
-pub(crate) fn default_failure_threshold() -> u32 {
-    2
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
-pub struct RawEnvoyAdmin {
-    pub cluster: String,
-}
 
 /// A validated drain section.
 #[derive(Debug, Clone)]
@@ -134,144 +52,6 @@ pub const MAX_GRACE_S: u32 = 24 * 3600;
 pub const MAX_JITTER_MS: u32 = 3_600_000;
 pub const MIN_INTERVAL_MS: u32 = 50;
 pub const MAX_INTERVAL_MS: u32 = 60_000;
-
-fn check_path(path: &str) -> Result<(), String> {
-    if !path.starts_with('/') || path.contains('?') || path.contains('#') || path.contains(' ') {
-        return Err(format!(
-            "expected an absolute path starting with '/' (no query), got {path:?}"
-        ));
-    }
-    Ok(())
-}
-
-fn check_cluster(name: &str) -> Result<(), String> {
-    if name.trim().is_empty() {
-        return Err("expected the name of an Envoy cluster".to_string());
-    }
-    Ok(())
-}
-
-impl RawDrain {
-    pub fn validate(self) -> Result<Drain, ConfigError> {
-        if self.admin.is_none() && self.upstream_signal.is_none() && self.readiness.is_none() {
-            return Err(ConfigError::new(
-                "",
-                "expected at least one trigger: `admin`, `upstream_signal` or `readiness`",
-            ));
-        }
-        let admin = match self.admin {
-            Some(a) => {
-                check_path(&a.path).map_err(|m| ConfigError::new("admin.path", m))?;
-                let token_sha256 = match a.token_sha256 {
-                    Some(t) => Some(parse_sha256_hex(&t).ok_or_else(|| {
-                        ConfigError::new(
-                            "admin.token_sha256",
-                            "expected 64 hex digits (the SHA-256 of the bearer token, \
-                             e.g. `printf %s \"$TOKEN\" | sha256sum`)",
-                        )
-                    })?),
-                    None => None,
-                };
-                Some(Admin {
-                    path: a.path,
-                    token_sha256,
-                })
-            }
-            None => None,
-        };
-        let upstream_signal = match self.upstream_signal {
-            Some(s) => {
-                check_header_name(&s.header)
-                    .map_err(|m| ConfigError::new("upstream_signal.header", m))?;
-                Some(s.header)
-            }
-            None => None,
-        };
-        let readiness = match self.readiness {
-            Some(r) => {
-                check_cluster(&r.cluster).map_err(|m| ConfigError::new("readiness.cluster", m))?;
-                check_path(&r.path).map_err(|m| ConfigError::new("readiness.path", m))?;
-                if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&r.interval_ms) {
-                    return Err(ConfigError::new(
-                        "readiness.interval_ms",
-                        format!(
-                            "expected {MIN_INTERVAL_MS} to {MAX_INTERVAL_MS} milliseconds, got {}",
-                            r.interval_ms
-                        ),
-                    ));
-                }
-                if !(1..=100).contains(&r.failure_threshold) {
-                    return Err(ConfigError::new(
-                        "readiness.failure_threshold",
-                        format!("expected 1 to 100, got {}", r.failure_threshold),
-                    ));
-                }
-                let authority = r.authority.unwrap_or_else(|| r.cluster.clone());
-                if authority.is_empty() || authority.bytes().any(|b| b <= b' ' || b == b'/') {
-                    return Err(ConfigError::new(
-                        "readiness.authority",
-                        format!("expected a host name such as \"app\", got {authority:?}"),
-                    ));
-                }
-                Some(Readiness {
-                    cluster: r.cluster,
-                    authority,
-                    path: r.path,
-                    interval_ms: r.interval_ms,
-                    failure_threshold: r.failure_threshold,
-                })
-            }
-            None => None,
-        };
-        let envoy_admin_cluster = match self.envoy_admin {
-            Some(e) => {
-                check_cluster(&e.cluster)
-                    .map_err(|m| ConfigError::new("envoy_admin.cluster", m))?;
-                Some(e.cluster)
-            }
-            None => None,
-        };
-        if self.grace_s > MAX_GRACE_S {
-            return Err(ConfigError::new(
-                "grace_s",
-                format!("expected 0 to {MAX_GRACE_S} seconds, got {}", self.grace_s),
-            ));
-        }
-        if self.reconnect_jitter_ms > MAX_JITTER_MS {
-            return Err(ConfigError::new(
-                "reconnect_jitter_ms",
-                format!(
-                    "expected 0 to {MAX_JITTER_MS} milliseconds, got {}",
-                    self.reconnect_jitter_ms
-                ),
-            ));
-        }
-        if self.retry_after_s > 3600 {
-            return Err(ConfigError::new(
-                "retry_after_s",
-                format!("expected 0 to 3600 seconds, got {}", self.retry_after_s),
-            ));
-        }
-        Ok(Drain {
-            admin,
-            upstream_signal,
-            readiness,
-            envoy_admin_cluster,
-            grace_s: self.grace_s,
-            reconnect_jitter_ms: self.reconnect_jitter_ms,
-            retry_after_s: self.retry_after_s,
-        })
-    }
-}
-
-fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(s, &mut out).ok()?;
-    Some(out)
-}
 
 impl Drain {
     /// The tick period of every worker: each sees another worker's transition within one tick.
@@ -749,9 +529,9 @@ pub fn start_grace(request_path: &str, body: Option<&[u8]>) -> Result<Option<u32
 }
 
 /// `{"grace_s": N}` (or `{}`) read through a `Value`, not a derived `Deserialize`: a typed
-/// serde_json deserializer would bring core's float formatting into the wasm (issue 7).
+/// serde_json deserializer would bring core's float formatting (kilobytes) into the wasm.
 fn grace_in_body(body: &[u8]) -> Result<Option<String>, String> {
-    let value = crate::config::json_value(body)?;
+    let value = crate::config::strict::value(body)?;
     let Some(fields) = value.as_object() else {
         return Err("expected a JSON object such as {\"grace_s\": 30}".to_string());
     };
@@ -898,6 +678,8 @@ mod tests {
         assert_eq!((next[0], *next.last().unwrap()), (2, 9999));
     }
 
+    use crate::config::drain::{parse_sha256_hex, RawDrain};
+    use crate::config::ConfigError;
     use proptest::prelude::*;
 
     fn parse(json: &str) -> Result<Drain, ConfigError> {

@@ -1,6 +1,6 @@
 //! The configuration parser names the same field path and gives the same message as
 //! `serde_path_to_error` over serde_json's text deserializer, which it replaced in the wasm
-//! (issue 7: the wrapper doubled every config struct's code). Every example configuration
+//! (the wrapper doubled every config struct's code). Every example configuration
 //! under envoy/ and istio/ is broken in every place it can be: each object gets an unknown key
 //! and loses each of its keys, each value is replaced by values of every JSON type.
 

@@ -1,4 +1,4 @@
-//! Issue #8, etcd crashes and comes back mid-load: two Envoys (`envoy/idempotency-etcd.yaml`)
+//! etcd crashes and comes back mid-load: two Envoys (`envoy/idempotency-etcd.yaml`)
 //! share one real etcd in front of one `payments` upstream. A steady load of POSTs with unique
 //! `Idempotency-Key`s alternates between the Envoys and between HTTP/1.1 and HTTP/2, with
 //! retries of completed keys sent to the *other* Envoy. Mid-load etcd is killed (SIGKILL), the

@@ -2,9 +2,8 @@
 //! configuration, an invalid one, a malformed file) and a failing wasm VM under each of
 //! Envoy's `failure_policy` settings.
 //!
-//! Faults that need the idempotency, translate or drain capabilities (upstream reset
-//! mid-response, upstream timeout while an idempotency lock is held, etcd stopped mid-load) are
-//! at the end, `#[ignore = "needs <capability>"]`, for the lead to switch on after the merge.
+//! Faults around an idempotency lock (upstream reset mid-response, upstream timeout while the
+//! lock is held) are at the end.
 #![cfg(not(target_arch = "wasm32"))]
 
 mod support;

@@ -3,10 +3,8 @@
 //! neither the wasm VM nor Envoy crashed (no panic, trap or failed callback in Envoy's log, the
 //! admin endpoint still ready, a normal request still served).
 //!
-//! The catalogue is grouped by the capability whose filter sees the input. Cases for
-//! capabilities that land on other branches (translate, idempotency, drain) are written against
-//! their contract configs and marked `#[ignore = "needs <capability>"]`: after the merge, drop
-//! the `ignore` once `envoy/<capability>.yaml` exists and the expectations match.
+//! The catalogue is grouped by the capability whose filter sees the input; the translate,
+//! idempotency and drain cases run against their contract configs.
 #![cfg(not(target_arch = "wasm32"))]
 
 mod support;
@@ -77,7 +75,7 @@ fn header(r: &reqwest::Response, name: &str) -> String {
         .to_string()
 }
 
-// --- canary (on this branch) --------------------------------------------------------------
+// --- canary ---------------------------------------------------------------------------------
 
 /// No filter in the canary chain buffers the body, so Envoy streams 10 MB through to the app
 /// (no 413: that answer belongs to filters that buffer, see the translate and idempotency
@@ -415,15 +413,15 @@ async fn forged_jwts_never_provide_the_user_id() {
     still_serves(&s.envoy).await;
 }
 
-// --- cases that need capabilities from other branches (switched on after the merge) ---------
+// --- translate, idempotency and drain -------------------------------------------------------
 
-/// The translate contract's payments route, as in issue 3.
+/// The translate contract's payments route.
 fn translate_config() -> Value {
     // The payments contract mapping, as envoy/translate.yaml ships it.
     support::fixture_plugin_config("translate")
 }
 
-/// The idempotency contract's defaults (local store), as in issue 4.
+/// The idempotency contract's defaults (local store).
 fn idempotency_config() -> Value {
     json!({"idempotency": {
         "header": "idempotency-key",

@@ -201,7 +201,7 @@ async fn an_abandoned_lock_is_taken_over_through_etcd() {
     assert_eq!(backend.executions().await["stale"], 2);
 }
 
-/// Issue #8: a server Envoy dies (SIGKILL) while its request is still being processed by the
+/// A server Envoy dies (SIGKILL) while its request is still being processed by the
 /// app. Its lock stays in etcd: a retry on the other Envoy gets 409 while the lock is younger
 /// than `lock_timeout_s`, then takes it over and is forwarded — the app executes the operation
 /// a second time (the dead Envoy had already forwarded it and never stored a result).

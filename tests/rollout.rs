@@ -1,4 +1,4 @@
-//! The rollout scenario (issue 8): a real rollout under load, measured with handoff and with a
+//! The rollout scenario: a real rollout under load, measured with handoff and with a
 //! plain-Envoy baseline, reported in `bench/rollout.md`.
 //!
 //! Topology, all on loopback (`envoy/rollout-client.yaml`, `envoy/rollout-server.yaml`):
@@ -17,11 +17,9 @@
 //! Profiles: `small` (default, part of `make test`, ~20 s per mode) and `full`
 //! (`ROLLOUT_PROFILE=full`, `make rollout`, writes `bench/rollout.md`).
 //!
-//! Capabilities from other branches are switched on with [`MERGED`] (or `ROLLOUT_CAPS=
-//! idempotency,drain,translate`): the server Envoys then run idempotency (etcd store) and
-//! drain, the drain step uses handoff's admin endpoint and its `inflight` count, and POSTs
-//! must execute exactly once. Until then the handoff run drains server A the way the baseline
-//! does (`/healthcheck/fail`), and only the canary ramp is handoff's.
+//! In the handoff run the client Envoy runs canary and translate, the server Envoys run
+//! idempotency (etcd store) and drain, the drain step uses handoff's admin endpoint and its
+//! `inflight` count, and every POST must execute exactly once.
 #![cfg(not(target_arch = "wasm32"))]
 
 mod support;
@@ -35,32 +33,6 @@ use std::time::{Duration, Instant};
 use support::etcd::Etcd;
 use support::lds::{gauge, Lds, Push};
 use support::{Backend, Envoy, EnvoyOpts};
-
-/// Capabilities merged into this branch. TODO(lead, after the merge): set the ones that landed
-/// to `true` (and check the contract configs in `server_config` / `client_config`).
-const MERGED: Caps = Caps {
-    idempotency: true,
-    drain: true,
-    translate: true,
-};
-
-#[derive(Debug, Clone, Copy)]
-struct Caps {
-    idempotency: bool,
-    drain: bool,
-    translate: bool,
-}
-
-fn caps() -> Caps {
-    match std::env::var("ROLLOUT_CAPS") {
-        Ok(list) => Caps {
-            idempotency: list.contains("idempotency"),
-            drain: list.contains("drain"),
-            translate: list.contains("translate"),
-        },
-        Err(_) => MERGED,
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Profile {
@@ -159,17 +131,17 @@ impl Phase {
 const SALT: &str = "rollout-2026-11";
 
 /// The client Envoy's handoff configuration at `percent`.
-fn client_config(percent: f64, caps: Caps) -> Value {
-    let mut c = json!({"canary": {
-        "salt": SALT,
-        "percent": percent,
-        "user_id": [{"header": "x-user-id"}],
-        "response_header": true
-    }});
-    if caps.translate {
-        // TODO(lead): the translate contract's payments route with
-        // `"backend": {"stable": "v1", "canary": "v2"}`; the load then also sends v1 payments.
-        c["translate"] = json!({"routes": [{
+fn client_config(percent: f64) -> Value {
+    json!({
+        "canary": {
+            "salt": SALT,
+            "percent": percent,
+            "user_id": [{"header": "x-user-id"}],
+            "response_header": true
+        },
+        // The translate contract's payments route following the cohort; the load also sends
+        // v1 payments.
+        "translate": {"routes": [{
             "name": "payments",
             "v1_prefix": "/api/v1/payments",
             "v2_prefix": "/api/v2/payments",
@@ -183,9 +155,8 @@ fn client_config(percent: f64, caps: Caps) -> Value {
                 {"v1": "/transaction_id", "v2": "/id"},
                 {"v1": "/status", "v2": "/status"}
             ]
-        }]});
-    }
-    c
+        }]}
+    })
 }
 
 const DRAIN_PATH: &str = "/.well-known/handoff/drain";
@@ -199,27 +170,23 @@ const SLOW_EVERY: u64 = 5;
 const SLOW_MS: u64 = 1500;
 
 /// A server Envoy's handoff configuration.
-fn server_config(caps: Caps) -> Value {
-    let mut c = json!({});
-    if caps.idempotency {
-        c["idempotency"] = json!({
+fn server_config() -> Value {
+    json!({
+        "idempotency": {
             "methods": ["POST"],
             "required": false,
             "scope": [{"header": "x-user-id"}],
             "store": {"type": "etcd", "cluster": "etcd", "authority": "etcd",
                       "prefix": "/handoff/idem/", "timeout_ms": 250, "on_error": "reject"}
-        });
-    }
-    if caps.drain {
-        c["drain"] = json!({
+        },
+        "drain": {
             "admin": {"path": DRAIN_PATH},
             "envoy_admin": {"cluster": "envoy_admin"},
             "grace_s": 2,
             "reconnect_jitter_ms": 1000,
             "retry_after_s": 1
-        });
-    }
-    c
+        }
+    })
 }
 
 /// The baseline's route: Envoy's weighted clusters at `percent` (random per request), with a
@@ -260,7 +227,6 @@ fn set_routes(listener: &mut Value, routes: Value) {
 
 struct Topology {
     mode: Mode,
-    caps: Caps,
     etcd: Etcd,
     apps: [Backend; 2],
     servers: [Option<Envoy>; 2],
@@ -269,13 +235,7 @@ struct Topology {
     lds: Lds,
 }
 
-async fn start_server(
-    mode: Mode,
-    caps: Caps,
-    app: &Backend,
-    etcd: &Etcd,
-    port: Option<u16>,
-) -> Envoy {
+async fn start_server(mode: Mode, app: &Backend, etcd: &Etcd, port: Option<u16>) -> Envoy {
     let mut opts = EnvoyOpts::new("rollout-server")
         .upstream(8081, app)
         .port(2379, etcd.client_port);
@@ -283,18 +243,18 @@ async fn start_server(
         opts = opts.port(10000, p);
     }
     opts = match mode {
-        Mode::Handoff => opts.plugin_config(server_config(caps)),
+        Mode::Handoff => opts.plugin_config(server_config()),
         Mode::Baseline => opts.edit(remove_handoff),
     };
     Envoy::start(opts).await
 }
 
 impl Topology {
-    async fn start(mode: Mode, caps: Caps) -> Topology {
+    async fn start(mode: Mode) -> Topology {
         let etcd = Etcd::start().await;
         let apps = [Backend::start("a", "v2"), Backend::start("b", "v2")];
-        let a = start_server(mode, caps, &apps[0], &etcd, None).await;
-        let b = start_server(mode, caps, &apps[1], &etcd, None).await;
+        let a = start_server(mode, &apps[0], &etcd, None).await;
+        let b = start_server(mode, &apps[1], &etcd, None).await;
         let server_ports = [a.port(10000), b.port(10000)];
         let lds = Lds::new();
         let mut opts = EnvoyOpts::new("rollout-client")
@@ -309,7 +269,7 @@ impl Topology {
             .arg("--drain-time-s")
             .arg("5");
         opts = match mode {
-            Mode::Handoff => opts.plugin_config(client_config(0.0, caps)),
+            Mode::Handoff => opts.plugin_config(client_config(0.0)),
             Mode::Baseline => opts.edit(|cfg| {
                 remove_handoff(cfg);
                 if let Some(l) = cfg.pointer_mut("/static_resources/listeners/0") {
@@ -320,7 +280,6 @@ impl Topology {
         let client = Envoy::start(lds.setup(opts)).await;
         let t = Topology {
             mode,
-            caps,
             etcd,
             apps,
             servers: [Some(a), Some(b)],
@@ -350,7 +309,7 @@ impl Topology {
         let outcome = match self.mode {
             Mode::Handoff => {
                 self.lds
-                    .push_plugin_config(&self.client, client_config(percent.into(), self.caps))
+                    .push_plugin_config(&self.client, client_config(percent.into()))
                     .await
             }
             Mode::Baseline => {
@@ -367,7 +326,7 @@ impl Topology {
     async fn drain_a(&self) {
         let a = self.servers[0].as_ref().expect("A runs");
         let client = support::h1();
-        if self.mode == Mode::Handoff && self.caps.drain {
+        if self.mode == Mode::Handoff {
             let r = client
                 .post(a.url(DRAIN_PATH))
                 .send()
@@ -411,7 +370,6 @@ impl Topology {
     async fn bring_back_a(&mut self) {
         let a = start_server(
             self.mode,
-            self.caps,
             &self.apps[0],
             &self.etcd,
             Some(self.server_ports[0]),
@@ -581,8 +539,7 @@ fn p99(mut v: Vec<Duration>) -> f64 {
 }
 
 async fn run(mode: Mode, profile: Profile) -> Outcome {
-    let caps = caps();
-    let mut topo = Topology::start(mode, caps).await;
+    let mut topo = Topology::start(mode).await;
     let phase = Arc::new(AtomicU8::new(Phase::Steady as u8));
     let stop = Arc::new(AtomicU8::new(0));
     let started = Instant::now();
@@ -696,15 +653,14 @@ async fn run(mode: Mode, profile: Profile) -> Outcome {
     out
 }
 
-fn report(profile: Profile, caps: Caps, runs: &[Outcome]) -> String {
+fn report(profile: Profile, runs: &[Outcome]) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Rollout under load: handoff vs. plain Envoy\n");
     let _ = writeln!(
         md,
         "Generated by `{}` (profile `{}`: {} req/s from {} users, half HTTP/1.1 and half \
          HTTP/2, GET and POST alternating, every POST with a unique `Idempotency-Key`). \
-         Topology and timeline: `tests/rollout.rs`. Capabilities in this build: idempotency \
-         {}, drain {}, translate {}.\n",
+         Topology and timeline: `tests/rollout.rs`.\n",
         if profile.name == "full" {
             "make rollout"
         } else {
@@ -713,9 +669,6 @@ fn report(profile: Profile, caps: Caps, runs: &[Outcome]) -> String {
         profile.name,
         profile.rate,
         profile.users,
-        on_off(caps.idempotency),
-        on_off(caps.drain),
-        on_off(caps.translate),
     );
     let _ = write!(md, "| | ");
     let _ = writeln!(
@@ -823,16 +776,12 @@ fn report(profile: Profile, caps: Caps, runs: &[Outcome]) -> String {
         md,
         "\nEvery {SLOW_EVERY}th POST takes {SLOW_MS} ms in the app (left out of the latency \
          figures, which are for the other requests). How each run drains \
-         server A: {}. Baseline: `POST /healthcheck/fail` on A's admin port, {} s of drain \
+         server A: handoff: `POST /.well-known/handoff/drain`, wait for `inflight` 0, hard \
+         stop. Baseline: `POST /healthcheck/fail` on A's admin port, {} s of drain \
          time (as Istio's terminationDrainDuration), then a hard stop (SIGKILL) of A's Envoy; \
          the client Envoy retries resets and 503s on the other server. The baseline's ramp is \
          Envoy's `weighted_clusters` (random per request), pushed through the same file-based \
          LDS.",
-        if caps.drain {
-            "handoff: `POST /.well-known/handoff/drain`, wait for `inflight` 0, hard stop"
-        } else {
-            "handoff: as the baseline (the drain capability is not merged in this build)"
-        },
         PLAIN_DRAIN.as_secs()
     );
     md.push_str(NOTES);
@@ -863,21 +812,12 @@ const NOTES: &str = "
   stable to canary.
 ";
 
-fn on_off(b: bool) -> &'static str {
-    if b {
-        "on"
-    } else {
-        "off (not merged yet)"
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_under_load() {
     let profile = profile();
-    let caps = caps();
     let handoff = run(Mode::Handoff, profile).await;
     let baseline = run(Mode::Baseline, profile).await;
-    let md = report(profile, caps, &[handoff.clone(), baseline.clone()]);
+    let md = report(profile, &[handoff.clone(), baseline.clone()]);
     let path = if profile.name == "full" {
         support::root().join("bench/rollout.md")
     } else {
@@ -887,17 +827,12 @@ async fn rollout_under_load() {
     std::fs::write(&path, &md).expect("write report");
     eprintln!("{md}\n(written to {})", path.display());
 
-    // What holds with the capabilities in this build.
     assert!(handoff.requests > 0 && baseline.requests > 0);
     assert_eq!(
         handoff.flipped_back_users, 0,
         "a user went back from canary to stable during handoff's ramp"
     );
-    if caps.idempotency {
-        assert_eq!(handoff.exec_twice_or_more, 0, "a POST executed twice");
-    }
-    if caps.idempotency && caps.drain {
-        // TODO(lead): with both merged, the headline promise.
-        assert_eq!(handoff.failures, 0, "{:?}", handoff.failure_examples);
-    }
+    assert_eq!(handoff.exec_twice_or_more, 0, "a POST executed twice");
+    // The headline promise: drain and idempotency together, no client-visible failure.
+    assert_eq!(handoff.failures, 0, "{:?}", handoff.failure_examples);
 }

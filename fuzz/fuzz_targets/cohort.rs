@@ -3,7 +3,8 @@
 //! that was not signed with the secret never forces a variant.
 #![no_main]
 
-use handoff::canary::{bucket, threshold, Canary, RawCanary, Reason, Variant, BUCKETS};
+use handoff::canary::{bucket, threshold, Canary, Reason, Variant, BUCKETS};
+use handoff::config::canary::RawCanary;
 use handoff::source::RequestView;
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;

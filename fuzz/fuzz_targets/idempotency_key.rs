@@ -1,6 +1,5 @@
-//! Idempotency (issue 4) parsers with arbitrary bytes: the key parser (an accepted key is
-//! 1..=max visible ASCII), the stored-record decoder and the etcd gateway answers. Built only
-//! with `--features idempotency`.
+//! Idempotency parsers with arbitrary bytes: the key parser (an accepted key is 1..=max
+//! visible ASCII), the stored-record decoder and the etcd gateway answers.
 #![no_main]
 
 use handoff::idempotency::{etcd, key::parse_key, record};

@@ -1,6 +1,5 @@
-//! The drain SSE injector (issue 5) over arbitrary streams split into arbitrary chunks: no
-//! panic, the event is inserted at most once, and removing it gives back the stream byte for
-//! byte. Built only with `--features drain`.
+//! The drain SSE injector over arbitrary streams split into arbitrary chunks: no panic, the
+//! event is inserted at most once, and removing it gives back the stream byte for byte.
 #![no_main]
 
 use handoff::drain::{reconnect_event, SseScanner};

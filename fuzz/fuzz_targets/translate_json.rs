@@ -1,10 +1,10 @@
-//! The JSON translator (issue 3) with arbitrary bodies, in both directions and both messages,
-//! using the payments mapping of the contract: no panic, every success is valid JSON, and a
-//! body the parser refuses (deep nesting, invalid UTF-8) is a `TranslateError`, never a crash.
-//! Built only with `--features translate` (the module lands with the translate branch).
+//! The JSON translator with arbitrary bodies, in both directions and both messages, using the
+//! payments mapping of the contract: no panic, every success is valid JSON, and a body the
+//! parser refuses (deep nesting, invalid UTF-8) is a `TranslateError`, never a crash.
 #![no_main]
 
-use handoff::translate::{ApiVersion, RawTranslate, RequestHead, Translate};
+use handoff::config::translate::RawTranslate;
+use handoff::translate::{ApiVersion, RequestHead, Translate};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 

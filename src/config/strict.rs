@@ -10,7 +10,7 @@ use std::fmt;
 use serde::de::{DeserializeSeed, Deserializer, Error, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-use super::ConfigError;
+use super::error::ConfigError;
 
 /// Parses `bytes`; a duplicate key is a [`ConfigError`] at that key's path.
 pub(super) fn parse(bytes: &[u8]) -> Result<Value, ConfigError> {

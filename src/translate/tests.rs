@@ -1,5 +1,7 @@
+use super::edit::place;
 use super::*;
-use crate::config::Config;
+use crate::config::translate::RawTranslate;
+use crate::config::{Config, ConfigError};
 use proptest::prelude::*;
 use serde_json::json;
 
