@@ -247,7 +247,7 @@ rollout-small: build
 	cargo build --quiet --example payments
 	cargo test --test rollout
 
-# --- Drain through real client libraries (issue 18) -----------------------------------------
+# --- Drain through real client libraries ----------------------------------------------------
 # Never part of `make test` (about 10 minutes). Each client is installed in its ordinary form:
 # httpx and requests from PyPI into bench/drain-clients/.venv, reqwest from crates.io (its own
 # crate and target dir), Node's built-in fetch and node:http2, Go's net/http and x/net/http2
