@@ -26,7 +26,7 @@ WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/"
 export ENVOY_BIN := $(abspath $(ENVOY))
 
 .PHONY: help setup rust-targets envoy apt-tools wasm-bindgen build test lint unit validate \
-        wasm-test e2e run clean image istio-sync istio-test image-test \
+        wasm-test docs-test e2e run clean image istio-sync istio-test image-test \
         bench bench-quick bench-profile bench-deps bench-noop \
         tools deny fuzz fuzz-smoke rollout rollout-small drain-clients drain-clients-deps
 
@@ -87,8 +87,8 @@ build: rust-targets $(WASM_OPT)
 	cargo build --quiet --release --target wasm32-wasip1 --example trap_filter
 	@ls -l $(WASM) | awk '{printf "built %s (%d bytes)\n", $$9, $$5}'
 
-test: setup build lint unit validate deny istio-test image-test wasm-test e2e rollout-small \
-      fuzz-smoke
+test: setup build lint unit validate docs-test deny istio-test image-test wasm-test e2e \
+      rollout-small fuzz-smoke
 
 lint:
 	cargo fmt --all -- --check
@@ -127,14 +127,21 @@ istio-sync: image
 	  --manifests istio --render istio
 
 # Manifests against Istio's CRDs (../shared/istio-crds), the config schema and parser's error
-# paths, handoffctl.
+# paths, handoffctl, every copy of the Lua hold filters against envoy/lua/, and the e2e
+# harness's own checks.
 istio-test:
-	cargo test --test istio_manifests --test config_schema --test config_paths --test handoffctl
+	cargo test --test istio_manifests --test config_schema --test config_paths --test handoffctl \
+	  --test hold_filters --test harness
 
 # Inspects what `make image` wrote (also with skopeo).
 image-test: image apt-tools
 	HANDOFF_IMAGE_DIR=$(IMAGE_DIR) HANDOFF_IMAGE_TAG=$(IMAGE_TAG) HANDOFF_RENDERED_DIR=$(RENDERED_DIR) \
 	  cargo test --test oci_image
+
+# Every relative link in README.md and docs/ resolves (file and #heading), and every problem
+# type the filter sends has its section in docs/problems.md.
+docs-test:
+	cargo test --test docs
 
 wasm-test:
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
@@ -149,7 +156,7 @@ run: setup build
 	cargo build --quiet --example payments
 	@scripts/run-demo.sh
 
-# Benchmark: never part of `make test`. See README "Benchmark".
+# Benchmark: never part of `make test`. See docs/benchmark.md.
 NOOP_WASM   := bench/noop/target/wasm32-wasip1/release/noop.wasm
 BENCH_PY    := bench/.venv/bin/python
 
@@ -205,7 +212,7 @@ $(CARGO_FUZZ): | $(TOOLS)/bin/python3
 	@$(CARGO_FUZZ) --version
 
 # Licenses, banned crates and sources of the whole tree. Advisories need the RustSec database
-# from the network: `cargo deny check advisories` where it can be fetched (README).
+# from the network: `cargo deny check advisories` where it can be fetched (docs/development.md).
 deny: $(CARGO_DENY)
 	$(CARGO_DENY) check -A license-exception-not-encountered licenses bans sources
 	$(CARGO_DENY) --manifest-path fuzz/Cargo.toml check licenses bans sources

@@ -19,7 +19,10 @@
 //! Control endpoints (never proxied in the demo; tests call them directly):
 //! `GET /_admin/executions` -> `{"<key>": count}`, `GET /_admin/requests` -> count,
 //! `POST /_admin/ready?status=N` -> what `/ready` answers, `POST /_admin/drain-signal?on=1` ->
-//! responses carry `x-drain: 1`, `GET /_admin/last` -> the last request as seen (echo form).
+//! responses carry `x-drain: 1`, `GET /_admin/last` -> the last request as seen (echo form),
+//! `POST /_admin/fault?error_pct=P&delay_ms=N` -> from now on P of every 100 requests answer
+//! 503 and every request waits N ms more (a canary turning bad at a known moment; `0` and `0`
+//! heal it).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -42,6 +45,8 @@ struct State {
     version: String,
     ready_status: AtomicU16,
     drain_signal: AtomicBool,
+    fault_error_pct: AtomicU64,
+    fault_delay_ms: AtomicU64,
     requests: AtomicU64,
     next_id: AtomicU64,
     executions: Mutex<BTreeMap<String, u64>>,
@@ -85,6 +90,8 @@ async fn main() {
         version,
         ready_status: AtomicU16::new(200),
         drain_signal: AtomicBool::new(false),
+        fault_error_pct: AtomicU64::new(0),
+        fault_delay_ms: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         next_id: AtomicU64::new(1),
         executions: Mutex::new(BTreeMap::new()),
@@ -163,7 +170,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     if is_admin {
         return Ok(admin(&state, &method, &path, &q));
     }
-    state.requests.fetch_add(1, Ordering::SeqCst);
+    let n = state.requests.fetch_add(1, Ordering::SeqCst);
     let body_json: Value = serde_json::from_slice(&body)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
     let seen = json!({
@@ -190,6 +197,19 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
 
     if let Some(ms) = q.get("delay_ms").and_then(|v| v.parse::<u64>().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let fault_delay = state.fault_delay_ms.load(Ordering::SeqCst);
+    if fault_delay > 0 {
+        tokio::time::sleep(Duration::from_millis(fault_delay)).await;
+    }
+    // Spread evenly: P of every 100 consecutive requests.
+    if n % 100 < state.fault_error_pct.load(Ordering::SeqCst) {
+        let resp = Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .header("content-type", "application/json")
+            .body(full(r#"{"error":"fault injected"}"#))
+            .expect("valid response");
+        return Ok(decorate(&state, resp));
     }
 
     let (status, body) = if path == "/ready" {
@@ -265,6 +285,16 @@ fn admin(state: &State, method: &str, path: &str, q: &BTreeMap<String, String>) 
             let s = q.get("status").and_then(|s| s.parse().ok()).unwrap_or(200);
             state.ready_status.store(s, Ordering::SeqCst);
             json!({"ready_status": s})
+        }
+        ("POST", "/_admin/fault") => {
+            let num = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            state
+                .fault_error_pct
+                .store(num("error_pct").min(100), Ordering::SeqCst);
+            state
+                .fault_delay_ms
+                .store(num("delay_ms"), Ordering::SeqCst);
+            json!({"error_pct": num("error_pct"), "delay_ms": num("delay_ms")})
         }
         ("POST", "/_admin/drain-signal") => {
             let on = q.get("on").map(String::as_str) != Some("0");

@@ -9,6 +9,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::HashSet;
 
+use crate::guard::Guard;
 use crate::source::{cookie_value, RequestView, Source};
 
 pub const BUCKETS: u32 = 10_000;
@@ -47,6 +48,8 @@ pub enum Reason {
     Override,
     Anonymous,
     Unidentified,
+    /// The guard aborted the canary: stable for everyone but a signed override.
+    Aborted,
 }
 
 impl Reason {
@@ -58,16 +61,18 @@ impl Reason {
             Reason::Override => "override",
             Reason::Anonymous => "anonymous",
             Reason::Unidentified => "unidentified",
+            Reason::Aborted => "aborted",
         }
     }
 
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::Hash,
         Reason::Allow,
         Reason::Deny,
         Reason::Override,
         Reason::Anonymous,
         Reason::Unidentified,
+        Reason::Aborted,
     ];
 }
 
@@ -100,6 +105,8 @@ pub struct Canary {
     pub anonymous_cookie: Option<AnonymousCookie>,
     pub override_: Option<Override>,
     pub response_header: bool,
+    /// Judges the canary against stable and aborts it on a regression.
+    pub guard: Option<Guard>,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +132,19 @@ pub struct Assignment {
     pub set_cookie: Option<String>,
     /// An override header was present but its signature did not verify.
     pub override_rejected: bool,
+}
+
+impl Assignment {
+    /// The assignment once the guard aborted the canary: stable whatever the hash or the allow
+    /// list; a signed override still holds (operators debug the canary with it), and a request
+    /// without a user id keeps its reason.
+    pub fn aborted(mut self) -> Assignment {
+        if !matches!(self.reason, Reason::Override | Reason::Unidentified) {
+            self.variant = Variant::Stable;
+            self.reason = Reason::Aborted;
+        }
+        self
+    }
 }
 
 impl Canary {

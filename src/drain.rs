@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 pub const HINT_HEADER: &str = "x-handoff-reconnect-after-ms";
 pub const DEFAULT_ADMIN_PATH: &str = "/.well-known/handoff/drain";
-/// The README anchor of the 503 problem answered after the grace period.
+/// The docs/problems.md section of the 503 problem answered after the grace period.
 pub const DRAINED_ANCHOR: &str = "drain-drained";
 pub const FORBIDDEN_ANCHOR: &str = "drain-admin-forbidden";
 

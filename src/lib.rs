@@ -6,6 +6,7 @@
 pub mod canary;
 pub mod config;
 pub mod drain;
+pub mod guard;
 pub mod idempotency;
 pub mod problem;
 pub mod shared;

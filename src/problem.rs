@@ -2,8 +2,10 @@
 
 use serde::Serialize;
 
-/// Every problem `type` is a link to the README section that explains it.
-pub const PROBLEM_DOCS: &str = "https://github.com/handoff-proxy/handoff/blob/main/README.md#";
+/// Every problem `type` is a link to its section of docs/problems.md, whose heading is the
+/// anchor itself (`## idempotency-missing-key`); tests/docs.rs checks that each one exists.
+pub const PROBLEM_DOCS: &str =
+    "https://github.com/handoff-proxy/handoff/blob/main/docs/problems.md#";
 
 /// A response the filter sends itself instead of forwarding the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,7 +25,7 @@ struct ProblemBody<'a> {
 }
 
 impl Reply {
-    /// A problem+json reply. `anchor` is the README anchor that documents it.
+    /// A problem+json reply. `anchor` names its section of docs/problems.md.
     pub fn problem(status: u16, anchor: &str, title: &str, detail: &str) -> Reply {
         let body = ProblemBody {
             kind: format!("{PROBLEM_DOCS}{anchor}"),

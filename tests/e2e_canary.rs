@@ -5,10 +5,9 @@
 mod support;
 
 use futures::stream::{self, StreamExt};
-use handoff::canary::bucket;
 use serde_json::{json, Value};
 use support::tokens::{jwt, sign_override, HS256_HEADER};
-use support::{clients, h2, Backend, Envoy, EnvoyOpts};
+use support::{clients, cohort, h2, user_in, Backend, Envoy, EnvoyOpts};
 
 const SALT: &str = "checkout-2026-11";
 
@@ -19,11 +18,8 @@ struct Setup {
 }
 
 async fn setup(plugin_config: Option<Value>) -> Setup {
-    let stable = Backend::start("stable", "v1");
-    let canary = Backend::start("canary", "v2");
-    let mut opts = EnvoyOpts::new("canary")
-        .upstream(8081, &stable)
-        .upstream(8082, &canary);
+    let (stable, canary) = Backend::versions("stable", "canary");
+    let mut opts = EnvoyOpts::new("canary").versions(&stable, &canary);
     if let Some(c) = plugin_config {
         opts = opts.plugin_config(c);
     }
@@ -64,26 +60,12 @@ fn minted_id(r: &reqwest::Response) -> String {
     value.split(';').next().unwrap().to_string()
 }
 
-fn expected(user: &str, percent: f64) -> &'static str {
-    if bucket(SALT, user) < handoff::canary::threshold(percent) {
-        "canary"
-    } else {
-        "stable"
-    }
-}
-
 #[tokio::test]
 async fn a_user_keeps_its_variant_and_reaches_that_cluster() {
     let s = setup(None).await;
     // One user of each cohort, found with the same formula any tool can recompute.
-    let canary_user = (0..)
-        .map(|i| format!("c-{i}"))
-        .find(|u| expected(u, 12.5) == "canary")
-        .unwrap();
-    let stable_user = (0..)
-        .map(|i| format!("s-{i}"))
-        .find(|u| expected(u, 12.5) == "stable")
-        .unwrap();
+    let canary_user = user_in(SALT, 12.5, "canary", "c-");
+    let stable_user = user_in(SALT, 12.5, "stable", "s-");
     for (proto, client) in clients() {
         for (user, want) in [(&canary_user, "canary"), (&stable_user, "stable")] {
             for _ in 0..100 {
@@ -106,20 +88,8 @@ async fn a_user_keeps_its_variant_and_reaches_that_cluster() {
     let seen = s.canary.last().await;
     assert_eq!(seen["headers"]["x-canary-variant"], "canary");
     let stats = s.envoy.stats().await;
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "hash")]
-        ),
-        200.0
-    );
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "stable"), ("reason", "hash")]
-        ),
-        200.0
-    );
+    assert_eq!(stats.decisions("canary", "hash"), 200.0);
+    assert_eq!(stats.decisions("stable", "hash"), 200.0);
     let _ = &s.stable;
 }
 
@@ -162,16 +132,10 @@ async fn canary_share_over_100k_users_matches_percent() {
     );
     // The filter's decision is exactly the documented formula, user by user.
     for (u, v) in users.iter().zip(&got) {
-        assert_eq!(v, expected(u, 12.5), "{u}");
+        assert_eq!(v, cohort(SALT, u, 12.5), "{u}");
     }
     let stats = s.envoy.stats().await;
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "hash")]
-        ),
-        canary as f64
-    );
+    assert_eq!(stats.decisions("canary", "hash"), canary as f64);
 }
 
 #[tokio::test]
@@ -203,10 +167,7 @@ async fn raising_the_percent_only_moves_users_from_stable_to_canary() {
 #[tokio::test]
 async fn a_client_sent_route_header_cannot_choose_the_cohort() {
     let s = setup(None).await;
-    let stable_user = (0..)
-        .map(|i| format!("s-{i}"))
-        .find(|u| expected(u, 12.5) == "stable")
-        .unwrap();
+    let stable_user = user_in(SALT, 12.5, "stable", "s-");
     for (proto, client) in clients() {
         let req = client
             .get(s.envoy.url("/"))
@@ -225,7 +186,7 @@ async fn a_client_sent_route_header_cannot_choose_the_cohort() {
             .get(s.envoy.url("/"))
             .header("x-canary-variant", "canary");
         let r = req.send().await.unwrap();
-        let cohort = expected(&minted_id(&r), 12.5);
+        let cohort = cohort(SALT, &minted_id(&r), 12.5);
         assert_eq!(r.headers()["x-upstream"], cohort, "{proto}");
         let backend = if cohort == "canary" {
             &s.canary
@@ -243,14 +204,8 @@ async fn a_client_sent_route_header_cannot_choose_the_cohort() {
 #[tokio::test]
 async fn allow_and_deny_lists_win_over_the_hash_and_deny_wins_over_allow() {
     // A stable-by-hash user on the allow list; a canary-by-hash user on both lists.
-    let allowed = (0..)
-        .map(|i| format!("a-{i}"))
-        .find(|u| expected(u, 12.5) == "stable")
-        .unwrap();
-    let denied = (0..)
-        .map(|i| format!("d-{i}"))
-        .find(|u| expected(u, 12.5) == "canary")
-        .unwrap();
+    let allowed = user_in(SALT, 12.5, "stable", "a-");
+    let denied = user_in(SALT, 12.5, "canary", "d-");
     // 100,000 filler ids, as the scale requires.
     let mut allow: Vec<String> = (0..100_000).map(|i| format!("bulk-{i}")).collect();
     allow.push(allowed.clone());
@@ -279,20 +234,8 @@ async fn allow_and_deny_lists_win_over_the_hash_and_deny_wins_over_allow() {
         assert_eq!(got.0, "stable", "{proto} deny");
     }
     let stats = s.envoy.stats().await;
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "allow")]
-        ),
-        2.0
-    );
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "stable"), ("reason", "deny")]
-        ),
-        2.0
-    );
+    assert_eq!(stats.decisions("canary", "allow"), 2.0);
+    assert_eq!(stats.decisions("stable", "deny"), 2.0);
 }
 
 #[tokio::test]
@@ -312,7 +255,7 @@ async fn anonymous_users_get_a_cookie_and_keep_their_variant() {
             .to_str()
             .unwrap()
             .to_string();
-        assert_eq!(first, expected(&id, 50.0), "{proto}");
+        assert_eq!(first, cohort(SALT, &id, 50.0), "{proto}");
         for _ in 0..20 {
             let r = client
                 .get(s.envoy.url("/"))
@@ -330,25 +273,16 @@ async fn anonymous_users_get_a_cookie_and_keep_their_variant() {
     }
     let stats = s.envoy.stats().await;
     assert_eq!(stats.sum("handoff_canary_decisions") as u32, 42);
-    let anon: f64 = ["canary", "stable"]
-        .iter()
-        .map(|v| {
-            stats.get(
-                "handoff_canary_decisions",
-                &[("variant", v), ("reason", "anonymous")],
-            )
-        })
-        .sum();
-    assert_eq!(anon, 42.0);
+    assert_eq!(
+        stats.sum_with("handoff_canary_decisions", &[("reason", "anonymous")]),
+        42.0
+    );
 }
 
 #[tokio::test]
 async fn a_signed_override_forces_the_variant_and_a_forged_one_is_ignored() {
     let s = setup(None).await;
-    let user = (0..)
-        .map(|i| format!("o-{i}"))
-        .find(|u| expected(u, 12.5) == "stable")
-        .unwrap();
+    let user = user_in(SALT, 12.5, "stable", "o-");
     let good = sign_override("change-me", "canary", &user);
     let forged = [
         sign_override("wrong-secret", "canary", &user),
@@ -379,13 +313,7 @@ async fn a_signed_override_forces_the_variant_and_a_forged_one_is_ignored() {
         }
     }
     let stats = s.envoy.stats().await;
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "override")]
-        ),
-        2.0
-    );
+    assert_eq!(stats.decisions("canary", "override"), 2.0);
     assert_eq!(stats.get("handoff_canary_override_rejected", &[]), 8.0);
 }
 
@@ -400,10 +328,7 @@ async fn the_user_id_comes_from_the_verified_jwt_claim() {
     })))
     .await;
     let key = b"handoff-demo-jwt-secret-0123456789";
-    let canary_sub = (0..)
-        .map(|i| format!("jwt-{i}"))
-        .find(|u| expected(u, 12.5) == "canary")
-        .unwrap();
+    let canary_sub = user_in(SALT, 12.5, "canary", "jwt-");
     for (proto, client) in clients() {
         let token = jwt(
             key,
@@ -427,20 +352,8 @@ async fn the_user_id_comes_from_the_verified_jwt_claim() {
         assert_eq!(variant_of(&client, req).await.0, "stable", "{proto}");
     }
     let stats = s.envoy.stats().await;
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "hash")]
-        ),
-        2.0
-    );
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "stable"), ("reason", "unidentified")]
-        ),
-        2.0
-    );
+    assert_eq!(stats.decisions("canary", "hash"), 2.0);
+    assert_eq!(stats.decisions("stable", "unidentified"), 2.0);
 }
 
 #[tokio::test]

@@ -3,19 +3,19 @@
 //! `Idempotency-Key`s alternates between the Envoys and between HTTP/1.1 and HTTP/2, with
 //! retries of completed keys sent to the *other* Envoy. Mid-load etcd is killed (SIGKILL), the
 //! load goes on, etcd is started again on the same ports and data directory, the load goes on.
-//! Every answer is checked against README's idempotency table, and every key's executions in
+//! Every answer is checked against the idempotency table of docs/configure/idempotency.md, and every key's executions in
 //! the app against the answers its requests got.
 #![cfg(not(target_arch = "wasm32"))]
 
 mod support;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::etcd::{outcome, two_envoys, Etcd};
-use support::{h1, h2, Backend, Envoy};
+use support::{h1, h2, payment, Backend, Envoy};
 
 const PAY: &str = "/api/v1/payments";
 /// Concurrent load tasks (each sends one request at a time).
@@ -92,10 +92,6 @@ struct Load {
     clients: [reqwest::Client; 2],
     answers: Mutex<Vec<Answer>>,
     done: Mutex<Vec<Done>>,
-}
-
-fn payment(n: u64) -> Value {
-    json!({"amount": n, "currency": "EUR", "customer_id": "c-restart"})
 }
 
 impl Load {

@@ -8,11 +8,10 @@
 
 mod support;
 
-use handoff::canary::{bucket, threshold};
 use serde_json::{json, Value};
 use std::time::Duration;
 use support::lds::{Lds, LdsCounters, Push};
-use support::{assert_survived, Backend, Envoy, EnvoyOpts};
+use support::{assert_survived, cohort, user_in, Backend, Envoy, EnvoyOpts};
 
 const SALT: &str = "checkout-2026-11";
 
@@ -41,12 +40,10 @@ struct Setup {
 }
 
 async fn setup(percent: f64) -> Setup {
-    let stable = Backend::start("stable", "v1");
-    let canary = Backend::start("canary", "v2");
+    let (stable, canary) = Backend::versions("stable", "canary");
     let lds = Lds::new();
     let opts = EnvoyOpts::new("canary")
-        .upstream(8081, &stable)
-        .upstream(8082, &canary)
+        .versions(&stable, &canary)
         .plugin_config(config_at(percent))
         // Old listeners' connections are closed on their next response, not over 10 minutes.
         .arg("--drain-strategy")
@@ -84,14 +81,6 @@ async fn variants(envoy: &Envoy, users: &[String]) -> Vec<String> {
     out
 }
 
-fn expected(user: &str, percent: f64) -> &'static str {
-    if bucket(SALT, user) < threshold(percent) {
-        "canary"
-    } else {
-        "stable"
-    }
-}
-
 /// A new plugin configuration pushed through LDS takes effect for new connections as soon as
 /// Envoy accepted it (no restart). The canary keeps no state: every user's variant is
 /// recomputed from the same formula with the new percent, so a ramp 0 → 50 → 100 only ever
@@ -111,7 +100,7 @@ async fn a_new_plugin_config_pushed_through_lds_takes_effect() {
         }
         let got = variants(&s.envoy, &users).await;
         for (u, v) in users.iter().zip(&got) {
-            assert_eq!(v, expected(u, percent), "{u} at {percent}%");
+            assert_eq!(v, cohort(SALT, u, percent), "{u} at {percent}%");
         }
         if let Some(prev) = &previous {
             for ((u, a), b) in users.iter().zip(prev).zip(&got) {
@@ -124,7 +113,9 @@ async fn a_new_plugin_config_pushed_through_lds_takes_effect() {
         previous = Some(got);
     }
     for p in ["canary 0%", "canary 50%", "canary 100%"] {
-        wait_for_log(&s.envoy, &format!("configuration accepted: {p}")).await;
+        s.envoy
+            .wait_for_log(&format!("configuration accepted: {p}"))
+            .await;
     }
     let c = LdsCounters::read(&s.envoy).await;
     assert_eq!((c.success, c.rejected), (3, 0), "{c:?}");
@@ -137,10 +128,7 @@ async fn a_new_plugin_config_pushed_through_lds_takes_effect() {
 #[tokio::test]
 async fn a_kept_alive_connection_moves_to_the_new_config_after_the_drain() {
     let s = setup(0.0).await;
-    let user = (0..)
-        .map(|i| format!("ka-{i}"))
-        .find(|u| expected(u, 50.0) == "canary")
-        .unwrap();
+    let user = user_in(SALT, 50.0, "canary", "ka-");
     let client = support::h1();
     let ask = || async {
         let r = client
@@ -216,7 +204,7 @@ async fn an_invalid_plugin_config_is_rejected_and_the_old_one_keeps_serving() {
             Push::Rejected,
             "{line}"
         );
-        let log = wait_for_log(&s.envoy, line).await;
+        let log = s.envoy.wait_for_log(line).await;
         let hits: Vec<&str> = log.lines().filter(|l| l.contains(line)).collect();
         assert!(hits.iter().all(|l| l.contains("[error]")), "{hits:?}");
         let c = LdsCounters::read(&s.envoy).await;
@@ -250,7 +238,7 @@ async fn an_invalid_plugin_config_is_rejected_and_the_old_one_keeps_serving() {
         .iter()
         .all(|v| v == "stable"));
     // The refused configurations are logged as failed plugin loads; nothing crashed.
-    let log = wait_for_log(&s.envoy, "Plugin handoff failed to load").await;
+    let log = s.envoy.wait_for_log("Plugin handoff failed to load").await;
     assert!(support::panic_lines(&log).is_empty(), "{log}");
 }
 
@@ -285,32 +273,28 @@ fn trap_wasm() -> std::path::PathBuf {
 /// Runs the canary fixture with the trapping filter in handoff's place, under `policy`
 /// (`failure_policy` of the Wasm filter config: FAIL_CLOSED, FAIL_OPEN, FAIL_RELOAD).
 async fn trap_setup(policy: &'static str) -> (Envoy, Backend, Backend) {
-    let stable = Backend::start("stable", "v1");
-    let canary = Backend::start("canary", "v2");
+    let (stable, canary) = Backend::versions("stable", "canary");
     let wasm = trap_wasm().display().to_string();
     let mut opts = EnvoyOpts::new("canary");
     // One worker, so the trapping request and the ones after it meet the same VM (each worker
     // thread runs its own copy).
     opts.concurrency = 1;
-    let envoy = Envoy::start(
-        opts
-            .upstream(8081, &stable)
-            .upstream(8082, &canary)
-            .edit(move |cfg| {
-                let filters = cfg
-                    .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters")
-                    .and_then(Value::as_array_mut)
-                    .expect("http_filters");
-                for f in filters.iter_mut() {
-                    if f["name"] == "handoff" {
-                        let c = &mut f["typed_config"]["config"];
-                        c["vm_config"]["code"]["local"]["filename"] = Value::from(wasm.clone());
-                        c["vm_config"]["vm_id"] = Value::from("trap");
-                        c["failure_policy"] = Value::from(policy);
-                    }
-                }
-            }),
-    )
+    let envoy = Envoy::start(opts.versions(&stable, &canary).edit(move |cfg| {
+        let filters = cfg
+            .pointer_mut(
+                "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters",
+            )
+            .and_then(Value::as_array_mut)
+            .expect("http_filters");
+        for f in filters.iter_mut() {
+            if f["name"] == "handoff" {
+                let c = &mut f["typed_config"]["config"];
+                c["vm_config"]["code"]["local"]["filename"] = Value::from(wasm.clone());
+                c["vm_config"]["vm_id"] = Value::from("trap");
+                c["failure_policy"] = Value::from(policy);
+            }
+        }
+    }))
     .await;
     (envoy, stable, canary)
 }
@@ -345,7 +329,7 @@ async fn a_failed_vm_with_fail_closed_answers_503() {
         before,
         "fail closed forwarded a request"
     );
-    wait_for_log(&envoy, "trap requested by x-trap").await;
+    envoy.wait_for_log("trap requested by x-trap").await;
 }
 
 /// FAIL_OPEN: once the VM has trapped, requests pass through as if the filter were absent.
@@ -376,16 +360,7 @@ async fn a_failed_vm_with_fail_reload_comes_back() {
         || async { (get(&envoy, false).await == Ok((200, true))).then_some(()) },
     )
     .await;
-    wait_for_log(&envoy, "trap requested by x-trap").await;
-}
-
-/// Envoy's log once it contains `needle` (the log file is flushed every 50 ms).
-async fn wait_for_log(envoy: &Envoy, needle: &str) -> String {
-    support::wait_for(needle, Duration::from_secs(10), || async {
-        let log = envoy.log();
-        log.contains(needle).then_some(log)
-    })
-    .await
+    envoy.wait_for_log("trap requested by x-trap").await;
 }
 
 // --- Faults around an idempotency lock (envoy/idempotency.yaml) ------------------------------

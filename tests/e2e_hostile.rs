@@ -11,11 +11,10 @@ mod support;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use handoff::canary::bucket;
 use serde_json::{json, Value};
 use sha2::Sha256;
 use support::tokens::{jwt, sign_override};
-use support::{assert_survived, clients, raw_h1, Backend, Envoy, EnvoyOpts};
+use support::{assert_survived, clients, cohort, raw_h1, user_in, Backend, Envoy, EnvoyOpts, Resp};
 
 const SALT: &str = "checkout-2026-11";
 /// 10 MiB.
@@ -30,14 +29,8 @@ struct Canary {
 }
 
 async fn canary() -> Canary {
-    let stable = Backend::start("stable", "v1");
-    let canary = Backend::start("canary", "v2");
-    let envoy = Envoy::start(
-        EnvoyOpts::new("canary")
-            .upstream(8081, &stable)
-            .upstream(8082, &canary),
-    )
-    .await;
+    let (stable, canary) = Backend::versions("stable", "canary");
+    let envoy = Envoy::start(EnvoyOpts::new("canary").versions(&stable, &canary)).await;
     Canary {
         envoy,
         stable,
@@ -57,14 +50,6 @@ async fn still_serves(envoy: &Envoy) {
         assert_eq!(r.status(), 200, "{proto}");
     }
     assert_survived(envoy).await;
-}
-
-fn expected(user: &str) -> &'static str {
-    if bucket(SALT, user) < handoff::canary::threshold(12.5) {
-        "canary"
-    } else {
-        "stable"
-    }
 }
 
 fn header(r: &reqwest::Response, name: &str) -> String {
@@ -95,7 +80,10 @@ async fn a_10_mb_body_streams_through_the_canary_filter() {
         assert_eq!(r.status(), 200, "{proto}");
         let echo: Value = r.json().await.expect("echo");
         assert_eq!(echo["body_bytes"], TEN_MB, "{proto}");
-        assert_eq!(echo["headers"]["x-canary-variant"], expected("big-sender"));
+        assert_eq!(
+            echo["headers"]["x-canary-variant"],
+            cohort(SALT, "big-sender", 12.5)
+        );
     }
     let _ = &s.stable;
     still_serves(&s.envoy).await;
@@ -136,7 +124,7 @@ async fn a_64_kb_cookie_is_refused_by_envoy_and_a_40_kb_one_is_parsed() {
         assert_eq!(r.status(), 200, "{proto}");
         assert_eq!(
             header(&r, "x-canary-variant"),
-            expected("u-cookie"),
+            cohort(SALT, "u-cookie", 12.5),
             "{proto}"
         );
         let r = client
@@ -152,16 +140,10 @@ async fn a_64_kb_cookie_is_refused_by_envoy_and_a_40_kb_one_is_parsed() {
         );
     }
     let stats = s.envoy.stats().await;
-    let anonymous: f64 = ["canary", "stable"]
-        .iter()
-        .map(|v| {
-            stats.get(
-                "handoff_canary_decisions",
-                &[("variant", v), ("reason", "anonymous")],
-            )
-        })
-        .sum();
-    assert_eq!(anonymous, 2.0);
+    assert_eq!(
+        stats.sum_with("handoff_canary_decisions", &[("reason", "anonymous")]),
+        2.0
+    );
     still_serves(&s.envoy).await;
 }
 
@@ -211,9 +193,9 @@ async fn duplicate_user_id_headers_give_one_stable_decision() {
     let (a, b) = (0..)
         .map(|i| (format!("dup-{i}-a"), format!("dup-{i}-b")))
         .find(|(a, b)| {
-            expected(a) == "canary"
-                && expected(b) == "stable"
-                && expected(&format!("{a},{b}")) == "stable"
+            cohort(SALT, a, 12.5) == "canary"
+                && cohort(SALT, b, 12.5) == "stable"
+                && cohort(SALT, &format!("{a},{b}"), 12.5) == "stable"
         })
         .unwrap();
     for (proto, client) in clients() {
@@ -254,7 +236,7 @@ async fn user_ids_with_control_characters() {
     assert_eq!(status, 200, "{head}");
     assert_eq!(s.stable.last().await["headers"]["x-user-id"], "uabx");
     assert!(
-        head.contains(&format!("x-canary-variant: {}", expected("uabx"))),
+        head.contains(&format!("x-canary-variant: {}", cohort(SALT, "uabx", 12.5))),
         "{head}"
     );
     for (proto, client) in clients() {
@@ -266,7 +248,7 @@ async fn user_ids_with_control_characters() {
         assert_eq!(r.status(), 200, "{proto}");
         assert_eq!(
             header(&r, "x-canary-variant"),
-            expected("u\u{1}\r\nx\u{0}"),
+            cohort(SALT, "u\u{1}\r\nx\u{0}", 12.5),
             "{proto}"
         );
         // Obs-text (bytes >= 0x80) is legal in a header value, but not UTF-8: it is no id, so
@@ -308,10 +290,7 @@ async fn user_ids_with_control_characters() {
 #[tokio::test]
 async fn forged_override_signatures_are_ignored() {
     let s = canary().await;
-    let user = (0..)
-        .map(|i| format!("f-{i}"))
-        .find(|u| expected(u) == "stable")
-        .unwrap();
+    let user = user_in(SALT, 12.5, "stable", "f-");
     let good = sign_override("change-me", "canary", &user);
     let forged = vec![
         sign_override("wrong-secret", "canary", &user),
@@ -345,13 +324,7 @@ async fn forged_override_signatures_are_ignored() {
         stats.get("handoff_canary_override_rejected", &[]),
         (forged.len() * 2) as f64
     );
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "override")]
-        ),
-        0.0
-    );
+    assert_eq!(stats.decisions("canary", "override"), 0.0);
     still_serves(&s.envoy).await;
 }
 
@@ -403,13 +376,7 @@ async fn forged_jwts_never_provide_the_user_id() {
         }
     }
     let stats = s.envoy.stats().await;
-    assert_eq!(
-        stats.get(
-            "handoff_canary_decisions",
-            &[("variant", "canary"), ("reason", "allow")]
-        ),
-        0.0
-    );
+    assert_eq!(stats.decisions("canary", "allow"), 0.0);
     still_serves(&s.envoy).await;
 }
 
@@ -457,15 +424,13 @@ async fn one_app(fixture: &str, config: Value) -> (Envoy, Backend) {
     let app = Backend::start("app", "v2");
     let envoy = Envoy::start(
         EnvoyOpts::new(fixture)
-            .upstream(8081, &app)
-            .upstream(8082, &app)
+            .versions(&app, &app)
             .plugin_config(config),
     )
     .await;
     (envoy, app)
 }
 
-/// Asserts a problem+json answer with `status`; returns the problem body.
 /// `body` POSTed as JSON to the translated v1 route over HTTP/1.1 and HTTP/2: a `status`
 /// problem each time, the app never sees it, and Envoy keeps serving.
 async fn v1_json_post_is_refused(body: Vec<u8>, status: u16) {
@@ -478,22 +443,12 @@ async fn v1_json_post_is_refused(body: Vec<u8>, status: u16) {
             .send()
             .await
             .unwrap();
-        problem(r, status).await;
+        Resp::read(r)
+            .await
+            .assert_problem(status, "translate-invalid-json");
     }
     assert_eq!(app.requests().await, 0);
     still_serves_path(&envoy, "/api/v2/payments").await;
-}
-
-async fn problem(r: reqwest::Response, status: u16) -> Value {
-    assert_eq!(r.status(), status);
-    assert_eq!(header(&r, "content-type"), "application/problem+json");
-    let body: Value = r.json().await.expect("problem body");
-    assert_eq!(body["status"], status);
-    assert!(
-        body["type"].as_str().unwrap_or("").contains("README.md#"),
-        "{body}"
-    );
-    body
 }
 
 /// A v1 body nested 10,000 levels deep: the JSON parser's depth limit makes it a 400 problem
@@ -554,7 +509,9 @@ async fn idempotency_keys_with_control_characters_are_400_problems() {
                 .send()
                 .await
                 .unwrap();
-            problem(r, 400).await;
+            Resp::read(r)
+                .await
+                .assert_problem(400, "idempotency-invalid-key");
         }
     }
     let raw = b"POST /api/v2/payments HTTP/1.1\r\nhost: a\r\nidempotency-key: k\x01\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
@@ -574,8 +531,7 @@ async fn the_drain_admin_path_refuses_outside_callers() {
     let app = Backend::start("app", "v2");
     let envoy = Envoy::start(
         EnvoyOpts::new("drain")
-            .upstream(8081, &app)
-            .upstream(8082, &app)
+            .versions(&app, &app)
             .plugin_config(drain_config()),
     )
     .await;
@@ -604,7 +560,7 @@ async fn the_drain_admin_path_refuses_outside_callers() {
             "{head}"
         );
         let body: Value = serde_json::from_slice(&body).expect("problem body");
-        assert_eq!(body["status"], 403);
+        support::assert_problem_body(&body, 403, "drain-admin-forbidden");
     }
     // Still serving, not draining.
     let r = support::h1().get(envoy.url(path)).send().await.unwrap();
@@ -631,7 +587,9 @@ async fn non_utf8_header_values_never_crash_translate_or_drain() {
             .await
             .unwrap();
         // Not a JSON media type: 415 problem, not a crash.
-        problem(r, 415).await;
+        Resp::read(r)
+            .await
+            .assert_problem(415, "translate-unsupported-media-type");
         let _ = proto;
     }
     still_serves_path(&envoy, "/api/v2/payments").await;

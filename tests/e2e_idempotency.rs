@@ -9,7 +9,7 @@ use futures::future::join_all;
 use reqwest::header::HeaderValue;
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::{h1, h2, Backend, Envoy, EnvoyOpts};
+use support::{h1, h2, payment, post, send, Backend, Envoy, EnvoyOpts, Resp};
 
 const PAY: &str = "/api/v1/payments";
 
@@ -31,82 +31,16 @@ async fn setup(edit: impl FnOnce(&mut Value)) -> Setup {
     Setup { envoy, backend }
 }
 
-fn payment(amount: u64) -> Value {
-    json!({"amount": amount, "currency": "EUR", "customer_id": "c-1"})
-}
-
-struct Resp {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn replayed(&self) -> bool {
-        self.headers
-            .get("idempotent-replayed")
-            .is_some_and(|v| v == "true")
-    }
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-    /// Asserts an application/problem+json body with this status whose type links to `anchor`.
-    fn assert_problem(&self, status: u16, anchor: &str) {
-        assert_eq!(
-            self.status,
-            status,
-            "{}",
-            String::from_utf8_lossy(&self.body)
-        );
-        assert_eq!(
-            self.headers.get("content-type").unwrap(),
-            "application/problem+json"
-        );
-        let v = self.json();
-        assert_eq!(v["status"], status);
-        assert!(
-            v["type"]
-                .as_str()
-                .unwrap_or("")
-                .ends_with(&format!("README.md#{anchor}")),
-            "{v}"
-        );
-        assert!(!v["title"].as_str().unwrap_or("").is_empty());
-        assert!(!v["detail"].as_str().unwrap_or("").is_empty());
-    }
-}
-
-async fn post(
-    client: &reqwest::Client,
-    url: String,
-    key: Option<&str>,
-    user: Option<&str>,
-    body: &Value,
-) -> Resp {
-    let mut req = client.post(url).json(body);
-    if let Some(k) = key {
-        req = req.header("idempotency-key", k);
-    }
-    if let Some(u) = user {
-        req = req.header("x-user-id", u);
-    }
-    send(req).await
-}
-
-async fn send(req: reqwest::RequestBuilder) -> Resp {
-    let r = req.send().await.expect("request through Envoy");
-    Resp {
-        status: r.status().as_u16(),
-        headers: r.headers().clone(),
-        body: r.bytes().await.expect("body").to_vec(),
-    }
-}
-
-async fn outcome(envoy: &Envoy, name: &str) -> f64 {
-    envoy
-        .stats()
-        .await
-        .get("handoff_idempotency_outcomes", &[("outcome", name)])
+/// A POST with the key `shared`, in the scope of `user`.
+async fn post_as(client: &reqwest::Client, url: String, user: &str) -> Resp {
+    send(
+        client
+            .post(url)
+            .header("idempotency-key", "shared")
+            .header("x-user-id", user)
+            .json(&payment(5)),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -124,7 +58,6 @@ async fn fifty_concurrent_duplicates_execute_once() {
             &clients[i % clients.len()],
             url.clone(),
             Some("concurrent-1"),
-            None,
             &body,
         )
     }))
@@ -153,14 +86,17 @@ async fn fifty_concurrent_duplicates_execute_once() {
     }
     assert_eq!(conflicts + replays, 49);
     // A retry after completion is a replay.
-    let again = post(&h1(), url, Some("concurrent-1"), None, &body).await;
+    let again = post(&h1(), url, Some("concurrent-1"), &body).await;
     assert!(again.replayed() && &again.body == original);
-    assert_eq!(outcome(&s.envoy, "first").await, 1.0);
+    assert_eq!(s.envoy.idempotency_outcome("first").await, 1.0);
     assert_eq!(
-        outcome(&s.envoy, "in_flight_conflict").await,
+        s.envoy.idempotency_outcome("in_flight_conflict").await,
         f64::from(conflicts)
     );
-    assert_eq!(outcome(&s.envoy, "replayed").await, f64::from(replays + 1));
+    assert_eq!(
+        s.envoy.idempotency_outcome("replayed").await,
+        f64::from(replays + 1)
+    );
 }
 
 #[tokio::test]
@@ -168,11 +104,11 @@ async fn retry_is_replayed_mismatch_is_422_and_keys_are_checked() {
     let s = setup(|_| {}).await;
     for (proto, client) in support::clients() {
         let key = format!("seq-{proto}");
-        let first = post(&client, s.envoy.url(PAY), Some(&key), None, &payment(10)).await;
+        let first = post(&client, s.envoy.url(PAY), Some(&key), &payment(10)).await;
         assert_eq!(first.status, 201, "{proto}");
         assert!(!first.replayed());
         assert!(first.json()["transaction_id"].is_string());
-        let retry = post(&client, s.envoy.url(PAY), Some(&key), None, &payment(10)).await;
+        let retry = post(&client, s.envoy.url(PAY), Some(&key), &payment(10)).await;
         assert_eq!(retry.status, 201);
         assert!(retry.replayed(), "{proto}: idempotent-replayed: true");
         assert_eq!(retry.body, first.body, "{proto}: byte-identical");
@@ -191,7 +127,7 @@ async fn retry_is_replayed_mismatch_is_422_and_keys_are_checked() {
         .await;
         assert!(quoted.replayed() && quoted.body == first.body, "{proto}");
         // Same key, another payload.
-        let other = post(&client, s.envoy.url(PAY), Some(&key), None, &payment(11)).await;
+        let other = post(&client, s.envoy.url(PAY), Some(&key), &payment(11)).await;
         other.assert_problem(422, "idempotency-mismatch");
         assert_eq!(s.backend.executions().await[&key], 1, "{proto}");
     }
@@ -211,7 +147,7 @@ async fn retry_is_replayed_mismatch_is_422_and_keys_are_checked() {
         assert!(again.replayed() && again.body == first.body, "{proto}");
     }
     // Missing key.
-    let r = post(&h1(), s.envoy.url(PAY), None, None, &payment(1)).await;
+    let r = post(&h1(), s.envoy.url(PAY), None, &payment(1)).await;
     r.assert_problem(400, "idempotency-missing-key");
     // Invalid keys: empty, too long, a space, non-ASCII, bad quoting.
     let long = "k".repeat(256);
@@ -243,58 +179,30 @@ async fn retry_is_replayed_mismatch_is_422_and_keys_are_checked() {
         2 + 2 + 1,
         "rejected requests never reach the app"
     );
-    assert_eq!(outcome(&s.envoy, "missing_key").await, 1.0);
-    assert_eq!(outcome(&s.envoy, "invalid_key").await, 10.0);
-    assert_eq!(outcome(&s.envoy, "mismatch").await, 2.0);
-    assert_eq!(outcome(&s.envoy, "replayed").await, 6.0);
-    assert_eq!(outcome(&s.envoy, "first").await, 4.0);
+    assert_eq!(s.envoy.idempotency_outcome("missing_key").await, 1.0);
+    assert_eq!(s.envoy.idempotency_outcome("invalid_key").await, 10.0);
+    assert_eq!(s.envoy.idempotency_outcome("mismatch").await, 2.0);
+    assert_eq!(s.envoy.idempotency_outcome("replayed").await, 6.0);
+    assert_eq!(s.envoy.idempotency_outcome("first").await, 4.0);
 }
 
 #[tokio::test]
 async fn scopes_are_isolated() {
     let s = setup(|_| {}).await;
     let c = h1();
-    let alice = post(
-        &c,
-        s.envoy.url(PAY),
-        Some("shared"),
-        Some("alice"),
-        &payment(5),
-    )
-    .await;
-    let bob = post(
-        &c,
-        s.envoy.url(PAY),
-        Some("shared"),
-        Some("bob"),
-        &payment(5),
-    )
-    .await;
+    let alice = post_as(&c, s.envoy.url(PAY), "alice").await;
+    let bob = post_as(&c, s.envoy.url(PAY), "bob").await;
     assert_eq!((alice.status, bob.status), (201, 201));
     assert!(!alice.replayed() && !bob.replayed(), "two operations");
     assert_ne!(alice.body, bob.body);
     assert_eq!(s.backend.executions().await["shared"], 2);
     // Each caller gets its own result back, never the other's.
-    let alice2 = post(
-        &c,
-        s.envoy.url(PAY),
-        Some("shared"),
-        Some("alice"),
-        &payment(5),
-    )
-    .await;
-    let bob2 = post(
-        &c,
-        s.envoy.url(PAY),
-        Some("shared"),
-        Some("bob"),
-        &payment(5),
-    )
-    .await;
+    let alice2 = post_as(&c, s.envoy.url(PAY), "alice").await;
+    let bob2 = post_as(&c, s.envoy.url(PAY), "bob").await;
     assert!(alice2.replayed() && alice2.body == alice.body);
     assert!(bob2.replayed() && bob2.body == bob.body);
     // No scope at all is a third namespace.
-    let anon = post(&c, s.envoy.url(PAY), Some("shared"), None, &payment(5)).await;
+    let anon = post(&c, s.envoy.url(PAY), Some("shared"), &payment(5)).await;
     assert!(!anon.replayed());
     assert_eq!(s.backend.executions().await["shared"], 3);
     // A scope value that is not UTF-8 counts as absent (and never breaks the filter).
@@ -319,9 +227,9 @@ async fn a_5xx_releases_the_key_and_a_retry_executes_again() {
     let s = setup(|_| {}).await;
     let c = h2();
     let url = s.envoy.url(&format!("{PAY}?status=500"));
-    let r = post(&c, url.clone(), Some("fails"), None, &payment(7)).await;
+    let r = post(&c, url.clone(), Some("fails"), &payment(7)).await;
     assert_eq!(r.status, 500);
-    let r = post(&c, url, Some("fails"), None, &payment(7)).await;
+    let r = post(&c, url, Some("fails"), &payment(7)).await;
     assert_eq!(r.status, 500);
     assert!(!r.replayed());
     assert_eq!(s.backend.executions().await["fails"], 2);
@@ -358,7 +266,7 @@ async fn a_5xx_releases_the_key_and_a_retry_executes_again() {
     )
     .await;
     assert_eq!(s.backend.executions().await["resets"], 2);
-    assert_eq!(outcome(&s.envoy, "first").await, 4.0);
+    assert_eq!(s.envoy.idempotency_outcome("first").await, 4.0);
 }
 
 #[tokio::test]
@@ -367,7 +275,7 @@ async fn an_abandoned_lock_times_out() {
     let url = s.envoy.url(&format!("{PAY}?delay_ms=2500"));
     let slow = tokio::spawn({
         let url = url.clone();
-        async move { post(&h1(), url, Some("slow"), None, &payment(3)).await }
+        async move { post(&h1(), url, Some("slow"), &payment(3)).await }
     });
     support::wait_for(
         "the first request to reach the app",
@@ -383,7 +291,7 @@ async fn an_abandoned_lock_times_out() {
         || {
             let url = url.clone();
             async move {
-                let r = post(&h2(), url, Some("slow"), None, &payment(3)).await;
+                let r = post(&h2(), url, Some("slow"), &payment(3)).await;
                 match r.status {
                     409 => {
                         r.assert_problem(409, "idempotency-in-flight");
@@ -400,22 +308,22 @@ async fn an_abandoned_lock_times_out() {
     let first = slow.await.unwrap();
     assert_eq!(first.status, 201);
     assert_eq!(s.backend.executions().await["slow"], 2);
-    assert!(outcome(&s.envoy, "in_flight_conflict").await >= 1.0);
+    assert!(s.envoy.idempotency_outcome("in_flight_conflict").await >= 1.0);
 }
 
 #[tokio::test]
 async fn an_oversized_response_is_never_executed_twice() {
     let s = setup(|c| c["store"]["max_response_bytes"] = json!(64)).await;
     let c = h1();
-    let first = post(&c, s.envoy.url(PAY), Some("big"), None, &payment(9)).await;
+    let first = post(&c, s.envoy.url(PAY), Some("big"), &payment(9)).await;
     assert_eq!(first.status, 201);
     assert!(first.body.len() > 64);
     for client in [h1(), h2()] {
-        let dup = post(&client, s.envoy.url(PAY), Some("big"), None, &payment(9)).await;
+        let dup = post(&client, s.envoy.url(PAY), Some("big"), &payment(9)).await;
         dup.assert_problem(409, "idempotency-not-replayable");
     }
     assert_eq!(s.backend.executions().await["big"], 1);
-    assert_eq!(outcome(&s.envoy, "not_replayable").await, 2.0);
+    assert_eq!(s.envoy.idempotency_outcome("not_replayable").await, 2.0);
 }
 
 #[tokio::test]
@@ -424,17 +332,17 @@ async fn a_full_store_follows_when_full() {
     let s = setup(|c| c["store"]["max_entries"] = json!(1)).await;
     let c = h1();
     assert_eq!(
-        post(&c, s.envoy.url(PAY), Some("k1"), None, &payment(1))
+        post(&c, s.envoy.url(PAY), Some("k1"), &payment(1))
             .await
             .status,
         201
     );
-    let r = post(&c, s.envoy.url(PAY), Some("k2"), None, &payment(1)).await;
+    let r = post(&c, s.envoy.url(PAY), Some("k2"), &payment(1)).await;
     assert_eq!(r.status, 201, "accept_unprotected forwards");
-    let r = post(&c, s.envoy.url(PAY), Some("k2"), None, &payment(1)).await;
+    let r = post(&c, s.envoy.url(PAY), Some("k2"), &payment(1)).await;
     assert!(!r.replayed(), "unprotected: executed again");
     assert_eq!(s.backend.executions().await["k2"], 2);
-    assert_eq!(outcome(&s.envoy, "evicted").await, 2.0);
+    assert_eq!(s.envoy.idempotency_outcome("evicted").await, 2.0);
     let stats = s.envoy.stats().await;
     assert_eq!(stats.sum("handoff_idempotency_local_slots_used"), 1.0);
     drop(s);
@@ -445,12 +353,12 @@ async fn a_full_store_follows_when_full() {
     })
     .await;
     assert_eq!(
-        post(&c, s.envoy.url(PAY), Some("k1"), None, &payment(1))
+        post(&c, s.envoy.url(PAY), Some("k1"), &payment(1))
             .await
             .status,
         201
     );
-    let r = post(&c, s.envoy.url(PAY), Some("k2"), None, &payment(1)).await;
+    let r = post(&c, s.envoy.url(PAY), Some("k2"), &payment(1)).await;
     r.assert_problem(503, "idempotency-store-full");
     assert!(!s.backend.executions().await.contains_key("k2"));
 }

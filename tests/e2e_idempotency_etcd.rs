@@ -4,9 +4,8 @@
 
 mod support;
 
-use serde_json::{json, Value};
 use support::etcd::{idempotency_envoy, outcome, two_envoys, Etcd};
-use support::{h1, h2, Backend, Envoy};
+use support::{h1, h2, payment, post, Backend, Envoy};
 
 const PAY: &str = "/api/v1/payments";
 
@@ -14,48 +13,32 @@ async fn envoy(backend: &Backend, etcd_port: u16, on_error: &str) -> Envoy {
     idempotency_envoy(backend, etcd_port, on_error, 30).await
 }
 
-fn payment(amount: u64) -> Value {
-    json!({"amount": amount, "currency": "EUR", "customer_id": "c-9"})
-}
-
-async fn post(client: &reqwest::Client, url: String, key: &str, body: &Value) -> reqwest::Response {
-    client
-        .post(url)
-        .header("idempotency-key", key)
-        .json(body)
-        .send()
-        .await
-        .expect("request through Envoy")
-}
-
 #[tokio::test]
 async fn a_retry_on_another_envoy_is_replayed() {
     let (etcd, backend, a, b) = two_envoys("reject", 30).await;
 
-    let first = post(&h1(), a.url(PAY), "cross-1", &payment(20)).await;
-    assert_eq!(first.status(), 201);
-    assert!(first.headers().get("idempotent-replayed").is_none());
-    let first_body = first.bytes().await.unwrap();
+    let first = post(&h1(), a.url(PAY), Some("cross-1"), &payment(20)).await;
+    assert_eq!(first.status, 201);
+    assert!(first.headers.get("idempotent-replayed").is_none());
+    let first_body = first.body;
 
     for (envoy, client) in [(&b, h2()), (&a, h1()), (&b, h1())] {
-        let r = post(&client, envoy.url(PAY), "cross-1", &payment(20)).await;
-        assert_eq!(r.status(), 201);
-        assert_eq!(r.headers()["idempotent-replayed"], "true");
-        assert_eq!(
-            r.bytes().await.unwrap(),
-            first_body,
-            "byte-identical replay"
-        );
+        let r = post(&client, envoy.url(PAY), Some("cross-1"), &payment(20)).await;
+        assert_eq!(r.status, 201);
+        assert_eq!(r.headers["idempotent-replayed"], "true");
+        assert_eq!(r.body, first_body, "byte-identical replay");
     }
     // A different payload under the same key, on the other Envoy.
-    let r = post(&h1(), b.url(PAY), "cross-1", &payment(21)).await;
-    assert_eq!(r.status(), 422);
-    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let r = post(&h1(), b.url(PAY), Some("cross-1"), &payment(21)).await;
+    r.assert_problem(422, "idempotency-mismatch");
 
     // In flight on A: a duplicate on B is a 409.
     let slow_url = a.url(&format!("{PAY}?delay_ms=1500"));
-    let slow =
-        tokio::spawn(async move { post(&h1(), slow_url, "cross-2", &payment(1)).await.status() });
+    let slow = tokio::spawn(async move {
+        post(&h1(), slow_url, Some("cross-2"), &payment(1))
+            .await
+            .status
+    });
     support::wait_for(
         "the first request to reach the app",
         std::time::Duration::from_secs(20),
@@ -65,30 +48,30 @@ async fn a_retry_on_another_envoy_is_replayed() {
     let dup = post(
         &h2(),
         b.url(&format!("{PAY}?delay_ms=1500")),
-        "cross-2",
+        Some("cross-2"),
         &payment(1),
     )
     .await;
-    assert_eq!(dup.status(), 409);
+    assert_eq!(dup.status, 409);
     assert_eq!(slow.await.unwrap(), 201);
 
     // A 5xx releases the key in etcd: a retry on the other Envoy executes again.
     let r = post(
         &h1(),
         a.url(&format!("{PAY}?status=500")),
-        "cross-3",
+        Some("cross-3"),
         &payment(2),
     )
     .await;
-    assert_eq!(r.status(), 500);
+    assert_eq!(r.status, 500);
     let r = post(
         &h1(),
         b.url(&format!("{PAY}?status=500")),
-        "cross-3",
+        Some("cross-3"),
         &payment(2),
     )
     .await;
-    assert_eq!(r.status(), 500);
+    assert_eq!(r.status, 500);
 
     let executions = backend.executions().await;
     assert_eq!(executions["cross-1"], 1);
@@ -114,13 +97,13 @@ async fn a_retry_sent_as_soon_as_the_response_is_read_is_replayed() {
     let (to_a, to_b) = (h1(), h1());
     for i in 0..60 {
         let key = format!("quick-{i}");
-        let r = post(&to_a, a.url(PAY), &key, &payment(i)).await;
-        assert_eq!(r.status(), 201);
-        let first = r.bytes().await.unwrap();
-        let r = post(&to_b, b.url(PAY), &key, &payment(i)).await;
-        assert_eq!(r.status(), 201, "retry {i} on the other Envoy");
-        assert_eq!(r.headers()["idempotent-replayed"], "true");
-        assert_eq!(r.bytes().await.unwrap(), first);
+        let r = post(&to_a, a.url(PAY), Some(&key), &payment(i)).await;
+        assert_eq!(r.status, 201);
+        let first = r.body;
+        let r = post(&to_b, b.url(PAY), Some(&key), &payment(i)).await;
+        assert_eq!(r.status, 201, "retry {i} on the other Envoy");
+        assert_eq!(r.headers["idempotent-replayed"], "true");
+        assert_eq!(r.body, first);
     }
     let executions = backend.executions().await;
     assert!((0..60).all(|i| executions[&format!("quick-{i}")] == 1));
@@ -133,18 +116,12 @@ async fn with_etcd_down_on_error_decides() {
     let reject = envoy(&backend, etcd.client_port, "reject").await;
     let allow = envoy(&backend, etcd.client_port, "allow").await;
     // Working store first.
-    let r = post(&h1(), reject.url(PAY), "down-0", &payment(1)).await;
-    assert_eq!(r.status(), 201);
+    let r = post(&h1(), reject.url(PAY), Some("down-0"), &payment(1)).await;
+    assert_eq!(r.status, 201);
     etcd.stop();
 
-    let r = post(&h1(), reject.url(PAY), "down-1", &payment(1)).await;
-    assert_eq!(r.status(), 503);
-    assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let v: Value = r.json().await.unwrap();
-    assert!(v["type"]
-        .as_str()
-        .unwrap()
-        .ends_with("#idempotency-store-unavailable"));
+    let r = post(&h1(), reject.url(PAY), Some("down-1"), &payment(1)).await;
+    r.assert_problem(503, "idempotency-store-unavailable");
     assert!(
         !backend.executions().await.contains_key("down-1"),
         "not forwarded"
@@ -152,9 +129,9 @@ async fn with_etcd_down_on_error_decides() {
     assert_eq!(outcome(&reject, "store_error").await, 1.0);
 
     for client in [h1(), h2()] {
-        let r = post(&client, allow.url(PAY), "down-2", &payment(1)).await;
-        assert_eq!(r.status(), 201, "forwarded without protection");
-        assert!(r.headers().get("idempotent-replayed").is_none());
+        let r = post(&client, allow.url(PAY), Some("down-2"), &payment(1)).await;
+        assert_eq!(r.status, 201, "forwarded without protection");
+        assert!(r.headers.get("idempotent-replayed").is_none());
     }
     assert_eq!(backend.executions().await["down-2"], 2);
     assert_eq!(outcome(&allow, "store_error").await, 2.0);
@@ -164,7 +141,8 @@ async fn with_etcd_down_on_error_decides() {
 async fn an_abandoned_lock_is_taken_over_through_etcd() {
     let (_etcd, backend, a, b) = two_envoys("reject", 1).await;
     let url_a = a.url(&format!("{PAY}?delay_ms=2500"));
-    let slow = tokio::spawn(async move { post(&h1(), url_a, "stale", &payment(4)).await.status() });
+    let slow =
+        tokio::spawn(async move { post(&h1(), url_a, Some("stale"), &payment(4)).await.status });
     support::wait_for(
         "the first request to reach the app",
         std::time::Duration::from_secs(20),
@@ -179,8 +157,8 @@ async fn an_abandoned_lock_is_taken_over_through_etcd() {
         || {
             let url = url_b.clone();
             async move {
-                let r = post(&h2(), url, "stale", &payment(4)).await;
-                (r.status() != 409).then_some(r.status())
+                let r = post(&h2(), url, Some("stale"), &payment(4)).await;
+                (r.status != 409).then_some(r.status)
             }
         },
     )
@@ -193,11 +171,11 @@ async fn an_abandoned_lock_is_taken_over_through_etcd() {
     let r = post(
         &h1(),
         a.url(&format!("{PAY}?delay_ms=2500")),
-        "stale",
+        Some("stale"),
         &payment(4),
     )
     .await;
-    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(r.headers["idempotent-replayed"], "true");
     assert_eq!(backend.executions().await["stale"], 2);
 }
 
@@ -242,19 +220,11 @@ async fn a_lock_held_by_a_killed_envoy_is_taken_over_after_lock_timeout() {
     let mut conflicts = 0;
     let (status, taken_after) = loop {
         let client = if conflicts % 2 == 0 { h1() } else { h2() };
-        let r = post(&client, url_b.clone(), "dead-envoy", &payment(7)).await;
-        if r.status() != 409 {
-            break (r.status(), sent.elapsed());
+        let r = post(&client, url_b.clone(), Some("dead-envoy"), &payment(7)).await;
+        if r.status != 409 {
+            break (r.status, sent.elapsed());
         }
-        assert_eq!(r.headers()["content-type"], "application/problem+json");
-        let v: Value = r.json().await.unwrap();
-        assert!(
-            v["type"]
-                .as_str()
-                .unwrap()
-                .ends_with("#idempotency-in-flight"),
-            "{v}"
-        );
+        r.assert_problem(409, "idempotency-in-flight");
         conflicts += 1;
         assert!(
             sent.elapsed() < std::time::Duration::from_secs(30),
@@ -268,16 +238,16 @@ async fn a_lock_held_by_a_killed_envoy_is_taken_over_after_lock_timeout() {
         taken_after >= std::time::Duration::from_secs(LOCK_TIMEOUT_S),
         "taken over after {taken_after:?}, before lock_timeout_s"
     );
-    // What README documents: the dead Envoy's forwarded request was executed by the app, and
+    // What docs/configure/idempotency.md documents: the dead Envoy's forwarded request was executed by the app, and
     // the takeover executes the operation again.
     assert_eq!(backend.executions().await["dead-envoy"], 2);
     assert_eq!(outcome(&b, "in_flight_conflict").await, conflicts as f64);
     assert_eq!(outcome(&b, "first").await, 1.0);
     // The takeover's completion is stored: further retries are replays, never a third run.
     for client in [h1(), h2()] {
-        let r = post(&client, b.url(&slow), "dead-envoy", &payment(7)).await;
-        assert_eq!(r.status(), 201);
-        assert_eq!(r.headers()["idempotent-replayed"], "true");
+        let r = post(&client, b.url(&slow), Some("dead-envoy"), &payment(7)).await;
+        assert_eq!(r.status, 201);
+        assert_eq!(r.headers["idempotent-replayed"], "true");
     }
     assert_eq!(backend.executions().await["dead-envoy"], 2);
 }

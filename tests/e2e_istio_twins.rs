@@ -5,30 +5,20 @@
 
 mod support;
 
-use handoff::canary::{bucket, threshold};
 use support::{clients, Backend, Envoy, EnvoyOpts};
 
+/// The cohort the client side assigns `user`, from the twin's own salt and percent.
 fn cohort_of(user: &str) -> &'static str {
     let config = support::fixture_plugin_config("client-side");
     let salt = config["canary"]["salt"].as_str().unwrap();
     let percent = config["canary"]["percent"].as_f64().unwrap();
-    if bucket(salt, user) < threshold(percent) {
-        "canary"
-    } else {
-        "stable"
-    }
+    support::cohort(salt, user, percent)
 }
 
 #[tokio::test]
 async fn client_side_routes_each_cohort_to_its_version() {
-    let stable = Backend::start("stable", "v1");
-    let canary = Backend::start("canary", "v2");
-    let envoy = Envoy::start(
-        EnvoyOpts::new("client-side")
-            .upstream(8081, &stable)
-            .upstream(8082, &canary),
-    )
-    .await;
+    let (stable, canary) = Backend::versions("stable", "canary");
+    let envoy = Envoy::start(EnvoyOpts::new("client-side").versions(&stable, &canary)).await;
     let user_in = |want: &'static str| {
         (0..)
             .map(|i| format!("user-{i}"))

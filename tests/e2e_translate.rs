@@ -7,7 +7,7 @@ mod support;
 
 use futures::stream;
 use serde_json::{json, Value};
-use support::{clients, h1, h2, Backend, Envoy, EnvoyOpts};
+use support::{clients, h1, h2, send, Backend, Envoy, EnvoyOpts, Resp};
 
 struct Setup {
     envoy: Envoy,
@@ -21,16 +21,7 @@ async fn setup(plugin_config: Value) -> Setup {
 
 /// [`setup`] with an edit of the whole bootstrap.
 async fn setup_edited(plugin_config: Value, edit: impl FnOnce(&mut Value) + 'static) -> Setup {
-    let v1 = Backend::start("v1", "v1");
-    let v2 = Backend::start("v2", "v2");
-    let envoy = Envoy::start(
-        EnvoyOpts::new("translate")
-            .upstream(8081, &v1)
-            .upstream(8082, &v2)
-            .plugin_config(plugin_config)
-            .edit(edit),
-    )
-    .await;
+    let (envoy, v1, v2) = support::translate_envoy(plugin_config, edit).await;
     Setup { envoy, v1, v2 }
 }
 
@@ -71,67 +62,7 @@ fn with_orders(c: &mut Value) {
         .push(orders_route());
 }
 
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    bytes: Vec<u8>,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.bytes)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.bytes)))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// The content-length is there and is the body's real length.
-    fn assert_length_correct(&self) {
-        let l = self.header("content-length").expect("a content-length");
-        assert_eq!(
-            l.parse::<usize>().unwrap(),
-            self.bytes.len(),
-            "content-length"
-        );
-    }
-
-    /// An error the filter answered: problem+json with this status.
-    fn assert_problem(&self, status: u16) -> Value {
-        assert_eq!(
-            self.status,
-            status,
-            "{}",
-            String::from_utf8_lossy(&self.bytes)
-        );
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/problem+json")
-        );
-        let p = self.json();
-        assert_eq!(p["status"], status);
-        assert!(
-            p["type"].as_str().unwrap().contains("README.md#translate-"),
-            "{p}"
-        );
-        p
-    }
-}
-
-async fn send(req: reqwest::RequestBuilder) -> Answer {
-    let r = req.send().await.expect("request through Envoy");
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let bytes = r.bytes().await.expect("body").to_vec();
-    Answer {
-        status,
-        headers,
-        bytes,
-    }
-}
-
-async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> Answer {
+async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> Resp {
     send(
         client
             .post(url)
@@ -142,7 +73,7 @@ async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> Answe
 }
 
 /// The v2 backend's created payment, as a v1 client must see it: exactly the v1 fields.
-fn assert_v2_payment_as_v1(a: &Answer, proto: &str) {
+fn assert_v2_payment_as_v1(a: &Resp, proto: &str) {
     let got = a.json();
     assert_eq!(got["status"], "succeeded", "{proto}: {got}");
     assert!(
@@ -252,7 +183,7 @@ async fn a_client_that_speaks_the_backend_version_passes_byte_for_byte() {
         assert_eq!(a.header("x-api-version"), Some("v2"));
     }
     let stats = s.envoy.stats().await;
-    assert_eq!(stats.sum("handoff_translate_translations"), 0.0);
+    assert_eq!(stats.sum_or_zero("handoff_translate_translations"), 0.0);
 }
 
 #[tokio::test]
@@ -429,7 +360,7 @@ async fn chunked_http1_and_large_multi_frame_http2_bodies() {
             .body(reqwest::Body::wrap_stream(stream::iter(chunks))),
     )
     .await;
-    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.bytes));
+    assert_eq!(a.status, 200, "{}", a.text());
     let seen = s.v2.last().await;
     for_each(&seen);
     // Sent chunked, forwarded with the exact length of the rewritten body.
@@ -457,7 +388,7 @@ async fn chunked_http1_and_large_multi_frame_http2_bodies() {
                 .body(body),
         )
         .await;
-        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.bytes));
+        assert_eq!(a.status, 200, "{}", a.text());
         for_each(&s.v2.last().await);
         a.assert_length_correct();
         for_each(&json!({"body": a.json()["received"]}));
@@ -567,11 +498,11 @@ async fn errors_are_problems_that_never_reach_the_backend() {
                 .body("amount=1"),
         )
         .await;
-        let p = a.assert_problem(415);
+        let p = a.assert_problem(415, "translate-unsupported-media-type");
         assert!(p["detail"].as_str().unwrap().contains("text/plain"), "{p}");
         // ... also without any content type.
         let a = send(c.post(s.envoy.url("/api/v1/payments")).body("{}")).await;
-        a.assert_problem(415);
+        a.assert_problem(415, "translate-unsupported-media-type");
 
         // 415: a compressed body cannot be read.
         let a = send(
@@ -581,7 +512,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
                 .body(vec![0x1f, 0x8b, 0x08, 0x00]),
         )
         .await;
-        let p = a.assert_problem(415);
+        let p = a.assert_problem(415, "translate-unsupported-media-type");
         assert!(p["detail"].as_str().unwrap().contains("gzip"), "{p}");
 
         // 400: invalid JSON, with where parsing stopped.
@@ -591,7 +522,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
                 .body("{\"amount\": 1,\n \"customer_id\": }"),
         )
         .await;
-        let p = a.assert_problem(400);
+        let p = a.assert_problem(400, "translate-invalid-json");
         assert!(
             p["detail"].as_str().unwrap().contains("line 2, column 17"),
             "{proto}: {p}"
@@ -599,7 +530,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
 
         // 422: a required field is missing, named by its pointer.
         let a = post_json(&c, s.envoy.url("/api/v1/payments"), &json!({"amount": 1})).await;
-        let p = a.assert_problem(422);
+        let p = a.assert_problem(422, "translate-missing-required");
         assert!(
             p["detail"].as_str().unwrap().contains("/customer_id"),
             "{p}"
@@ -613,7 +544,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
                 .body(big.clone()),
         )
         .await;
-        a.assert_problem(413);
+        a.assert_problem(413, "translate-too-large");
         let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
             big.as_bytes().chunks(50).map(|c| Ok(c.to_vec())).collect();
         let a = send(
@@ -622,7 +553,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
                 .body(reqwest::Body::wrap_stream(stream::iter(chunks))),
         )
         .await;
-        a.assert_problem(413);
+        a.assert_problem(413, "translate-too-large");
 
         assert_eq!(
             (s.v1.requests().await, s.v2.requests().await),
@@ -638,7 +569,7 @@ async fn errors_are_problems_that_never_reach_the_backend() {
     assert_eq!(stats.get(f, &l("payments", "invalid_json")), 2.0);
     assert_eq!(stats.get(f, &l("payments", "missing_required")), 2.0);
     assert_eq!(stats.get(f, &l("orders", "too_large")), 4.0);
-    assert_eq!(stats.sum("handoff_translate_translations"), 0.0);
+    assert_eq!(stats.sum_or_zero("handoff_translate_translations"), 0.0);
 }
 
 #[tokio::test]
@@ -686,7 +617,7 @@ async fn error_responses_pass_untranslated_unless_asked_and_bad_responses_are_50
 
         // A response the mapping cannot translate (a required source is missing): 502.
         let a = send(c.get(s.envoy.url("/api/v1/strict?status=404"))).await;
-        let p = a.assert_problem(502);
+        let p = a.assert_problem(502, "translate-response-failed");
         assert!(
             p["detail"].as_str().unwrap().contains("/nothing_like_this"),
             "{proto}: {p}"
@@ -728,14 +659,8 @@ async fn invalid_translate_configs_are_refused_with_one_log_line() {
 async fn the_demo_translates_for_canary_users_only() {
     // envoy/demo.yaml: canary (allow u-1, deny u-2) routes by cohort; translate follows it.
     // The demo also enforces Idempotency-Key on POSTs under /api/: each request gets its own.
-    let stable = Backend::start("stable", "v1");
-    let canary = Backend::start("canary", "v2");
-    let envoy = Envoy::start(
-        EnvoyOpts::new("demo")
-            .upstream(8081, &stable)
-            .upstream(8082, &canary),
-    )
-    .await;
+    let (stable, canary) = Backend::versions("stable", "canary");
+    let envoy = Envoy::start(EnvoyOpts::new("demo").versions(&stable, &canary)).await;
     let v1_body = json!({"amount": 5, "currency": "EUR", "customer_id": "c-5"});
     for (proto, c) in clients() {
         let post = |user: &str| {

@@ -7,52 +7,45 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{clients, Backend, Envoy, EnvoyOpts};
+use support::{assert_problem_body, clients, send, Backend, Envoy};
 
 async fn setup() -> (Envoy, Backend, Backend) {
     setup_with(|_| {}).await
 }
 
 async fn setup_with(edit: impl FnOnce(&mut Value) + 'static) -> (Envoy, Backend, Backend) {
-    let v1 = Backend::start("v1", "v1");
-    let v2 = Backend::start("v2", "v2");
     let mut cfg = support::fixture_plugin_config("translate");
     cfg["idempotency"] = json!({
         "methods": ["POST"],
         "path_prefixes": ["/api/"],
         "scope": [{"header": "x-user-id"}]
     });
-    let envoy = Envoy::start(
-        EnvoyOpts::new("translate")
-            .upstream(8081, &v1)
-            .upstream(8082, &v2)
-            .plugin_config(cfg)
-            .edit(edit),
-    )
-    .await;
-    (envoy, v1, v2)
+    support::translate_envoy(cfg, edit).await
 }
 
-async fn post(
+/// A POST with `key` in the scope of user `u-42`: its status, `idempotent-replayed`,
+/// `x-handoff-translated` and JSON body.
+async fn post_as_user(
     client: &reqwest::Client,
     url: String,
     key: &str,
     body: &Value,
 ) -> (u16, Option<String>, Option<String>, Value) {
-    let r = client
-        .post(url)
-        .header("content-type", "application/json")
-        .header("idempotency-key", key)
-        .header("x-user-id", "u-42")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("request through Envoy");
-    let status = r.status().as_u16();
-    let h = |n: &str| r.headers().get(n).map(|v| v.to_str().unwrap().to_string());
-    let (replayed, translated) = (h("idempotent-replayed"), h("x-handoff-translated"));
-    let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-    (status, replayed, translated, body)
+    let r = send(
+        client
+            .post(url)
+            .header("idempotency-key", key)
+            .header("x-user-id", "u-42")
+            .json(body),
+    )
+    .await;
+    let h = |n: &str| r.header(n).map(str::to_string);
+    (
+        r.status,
+        h("idempotent-replayed"),
+        h("x-handoff-translated"),
+        r.json(),
+    )
 }
 
 fn v1_body() -> Value {
@@ -71,7 +64,7 @@ async fn a_v1_retry_of_a_v2_operation_is_replayed_with_a_v1_body() {
     for (proto, client) in clients() {
         let key = format!("op-v2-first-{proto}");
         let (s, replayed, _, first) =
-            post(&client, envoy.url("/api/v2/payments"), &key, &v2_body()).await;
+            post_as_user(&client, envoy.url("/api/v2/payments"), &key, &v2_body()).await;
         assert_eq!((s, replayed), (201, None), "{proto}: {first}");
         let id = first["id"]
             .as_str()
@@ -80,7 +73,7 @@ async fn a_v1_retry_of_a_v2_operation_is_replayed_with_a_v1_body() {
         let executed = v2.requests().await;
 
         let (s, replayed, translated, again) =
-            post(&client, envoy.url("/api/v1/payments"), &key, &v1_body()).await;
+            post_as_user(&client, envoy.url("/api/v1/payments"), &key, &v1_body()).await;
         assert_eq!(s, 201, "{proto}: {again}");
         assert_eq!(replayed.as_deref(), Some("true"), "{proto}");
         assert_eq!(translated.as_deref(), Some("v2-v1"), "{proto}");
@@ -104,7 +97,7 @@ async fn a_v2_retry_of_a_v1_operation_gets_the_backend_body_and_a_changed_one_is
     for (proto, client) in clients() {
         let key = format!("op-v1-first-{proto}");
         let (s, _, translated, first) =
-            post(&client, envoy.url("/api/v1/payments"), &key, &v1_body()).await;
+            post_as_user(&client, envoy.url("/api/v1/payments"), &key, &v1_body()).await;
         assert_eq!(
             (s, translated.as_deref()),
             (201, Some("v2-v1")),
@@ -113,7 +106,7 @@ async fn a_v2_retry_of_a_v1_operation_gets_the_backend_body_and_a_changed_one_is
         let id = first["transaction_id"].as_str().unwrap().to_string();
 
         let (s, replayed, translated, again) =
-            post(&client, envoy.url("/api/v2/payments"), &key, &v2_body()).await;
+            post_as_user(&client, envoy.url("/api/v2/payments"), &key, &v2_body()).await;
         assert_eq!(
             (s, replayed.as_deref()),
             (201, Some("true")),
@@ -133,12 +126,10 @@ async fn a_v2_retry_of_a_v1_operation_gets_the_backend_body_and_a_changed_one_is
         // Another amount under the same key: another operation, refused before the backend.
         let mut changed = v1_body();
         changed["amount"] = json!(99);
-        let (s, _, _, problem) = post(&client, envoy.url("/api/v1/payments"), &key, &changed).await;
+        let (s, _, _, problem) =
+            post_as_user(&client, envoy.url("/api/v1/payments"), &key, &changed).await;
         assert_eq!(s, 422, "{proto}: {problem}");
-        assert!(problem["type"]
-            .as_str()
-            .unwrap()
-            .ends_with("#idempotency-mismatch"));
+        assert_problem_body(&problem, 422, "idempotency-mismatch");
         assert_eq!(v2.executions().await.get(&key), Some(&1), "{proto}");
     }
     let stats = envoy.stats().await;
@@ -160,16 +151,17 @@ async fn a_response_ended_by_trailers_is_stored_and_replayed_whole() {
     for (proto, client) in clients() {
         let key = format!("op-trailers-{proto}");
         let v1_url = envoy.url("/api/v1/payments?trailers=1");
-        let (s, replayed, _, first) = post(&client, v1_url.clone(), &key, &v1_body()).await;
+        let (s, replayed, _, first) = post_as_user(&client, v1_url.clone(), &key, &v1_body()).await;
         assert_eq!((s, replayed), (201, None), "{proto}: {first}");
         assert_eq!(first["status"], "succeeded", "{proto}: {first}");
-        let (s, replayed, translated, again) = post(&client, v1_url, &key, &v1_body()).await;
+        let (s, replayed, translated, again) =
+            post_as_user(&client, v1_url, &key, &v1_body()).await;
         assert_eq!(s, 201, "{proto}: {again}");
         assert_eq!(replayed.as_deref(), Some("true"));
         assert_eq!(translated.as_deref(), Some("v2-v1"));
         assert_eq!(again, first, "{proto}");
         let v2_url = envoy.url("/api/v2/payments?trailers=1");
-        let (s, replayed, _, own) = post(&client, v2_url, &key, &v2_body()).await;
+        let (s, replayed, _, own) = post_as_user(&client, v2_url, &key, &v2_body()).await;
         assert_eq!(
             (s, replayed.as_deref()),
             (201, Some("true")),

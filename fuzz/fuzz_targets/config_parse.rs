@@ -1,5 +1,5 @@
 //! The plugin configuration parser with arbitrary bytes: it must never panic, and a rejection
-//! must stay the one log line the README promises (no line breaks smuggled in by a key).
+//! must stay the one log line docs/README.md promises (no line breaks smuggled in by a key).
 #![no_main]
 
 use handoff::config::Config;

@@ -7,8 +7,9 @@ use std::collections::HashSet;
 
 use super::error::{check_header_name, ConfigError};
 use super::source;
-use super::walk::{boolean, float, object, seq, string, strings, u64_};
+use super::walk::{boolean, float, object, seq, string, strings, u32_, u64_};
 use crate::canary::{threshold, AnonymousCookie, Canary, Override};
+use crate::guard::{Guard, LatencyRule, DEFAULT_ADMIN_PATH};
 use crate::source::{Source, MAX_VALUE_LEN};
 
 #[derive(Debug, Deserialize)]
@@ -30,6 +31,8 @@ pub struct RawCanary {
     pub override_: Option<RawOverride>,
     #[serde(default)]
     pub response_header: bool,
+    /// Judges the canary against stable and aborts it on a regression.
+    pub guard: Option<RawGuard>,
 }
 
 fn default_route_header() -> String {
@@ -78,6 +81,7 @@ pub(super) fn walk(v: &Value) -> Result<RawCanary, ConfigError> {
             })
         }),
         response_header: o.or("response_header", boolean, bool::default),
+        guard: o.opt("guard", guard_walk),
     })
 }
 
@@ -115,6 +119,10 @@ impl RawCanary {
             .override_
             .map(|o| o.validate(&self.route_header))
             .transpose()?;
+        let guard = self
+            .guard
+            .map(|g| g.validate().map_err(|e| e.within("guard")))
+            .transpose()?;
         Ok(Canary {
             salt: self.salt,
             percent: p,
@@ -126,6 +134,7 @@ impl RawCanary {
             anonymous_cookie,
             override_,
             response_header: self.response_header,
+            guard,
         })
     }
 }
@@ -194,4 +203,173 @@ fn is_cookie_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+// ---------------------------------------------------------------------------------------------
+// `canary.guard`: the canary judged against stable, window by window (`crate::guard`)
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawGuard {
+    #[serde(default = "default_window_s")]
+    pub window_s: u32,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+    #[serde(default = "default_max_error_rate")]
+    pub max_error_rate: f64,
+    #[serde(default = "default_max_error_ratio")]
+    pub max_error_ratio: f64,
+    /// Absent: no latency check.
+    pub latency: Option<RawLatency>,
+    #[serde(default = "default_bad_windows")]
+    pub bad_windows: u32,
+    /// Absent: no admin path.
+    pub admin: Option<RawGuardAdmin>,
+}
+
+fn default_window_s() -> u32 {
+    10
+}
+fn default_min_requests() -> u64 {
+    100
+}
+fn default_max_error_rate() -> f64 {
+    0.05
+}
+fn default_max_error_ratio() -> f64 {
+    2.0
+}
+fn default_bad_windows() -> u32 {
+    2
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawLatency {
+    #[serde(default = "default_quantile")]
+    pub quantile: f64,
+    #[serde(default = "default_max_ms")]
+    pub max_ms: u64,
+    #[serde(default = "default_max_ratio")]
+    pub max_ratio: f64,
+}
+
+fn default_quantile() -> f64 {
+    0.99
+}
+fn default_max_ms() -> u64 {
+    500
+}
+fn default_max_ratio() -> f64 {
+    1.5
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawGuardAdmin {
+    #[serde(default = "default_guard_admin_path")]
+    pub path: String,
+    /// Hex SHA-256 of the bearer token accepted from non-loopback peers.
+    pub token_sha256: Option<String>,
+}
+
+fn default_guard_admin_path() -> String {
+    DEFAULT_ADMIN_PATH.to_string()
+}
+
+fn guard_walk(v: &Value) -> Result<RawGuard, ConfigError> {
+    object(v, "RawGuard", |o| RawGuard {
+        window_s: o.or("window_s", u32_, default_window_s),
+        min_requests: o.or("min_requests", u64_, default_min_requests),
+        max_error_rate: o.or("max_error_rate", float, default_max_error_rate),
+        max_error_ratio: o.or("max_error_ratio", float, default_max_error_ratio),
+        latency: o.opt("latency", |v| {
+            object(v, "RawLatency", |o| RawLatency {
+                quantile: o.or("quantile", float, default_quantile),
+                max_ms: o.or("max_ms", u64_, default_max_ms),
+                max_ratio: o.or("max_ratio", float, default_max_ratio),
+            })
+        }),
+        bad_windows: o.or("bad_windows", u32_, default_bad_windows),
+        admin: o.opt("admin", |v| {
+            object(v, "RawGuardAdmin", |o| RawGuardAdmin {
+                path: o.or("path", string, default_guard_admin_path),
+                token_sha256: o.opt("token_sha256", string),
+            })
+        }),
+    })
+}
+
+/// `v` within `lo..=hi` (NaN is not).
+fn in_range(v: f64, lo: f64, hi: f64, path: &str, what: &str) -> Result<(), ConfigError> {
+    if !(v >= lo && v <= hi) {
+        return Err(ConfigError::new(path, format!("expected {what}")));
+    }
+    Ok(())
+}
+
+impl RawGuard {
+    pub fn validate(self) -> Result<Guard, ConfigError> {
+        if !(1..=3600).contains(&self.window_s) {
+            return Err(ConfigError::new("window_s", "expected 1 to 3600 seconds"));
+        }
+        if !(1..=1_000_000_000).contains(&self.min_requests) {
+            return Err(ConfigError::new(
+                "min_requests",
+                "expected a whole number of requests from 1 to 1000000000",
+            ));
+        }
+        let rate = "a fraction from 0 to 1 (0.05 is 5%)";
+        in_range(self.max_error_rate, 0.0, 1.0, "max_error_rate", rate)?;
+        let ratio = "a ratio from 1 to 1000";
+        in_range(self.max_error_ratio, 1.0, 1000.0, "max_error_ratio", ratio)?;
+        let latency = self.latency.map(|l| l.validate()).transpose()?;
+        if !(1..=100).contains(&self.bad_windows) {
+            return Err(ConfigError::new("bad_windows", "expected 1 to 100 windows"));
+        }
+        let admin = self.admin.map(|a| a.validate()).transpose()?;
+        Ok(Guard {
+            window_s: self.window_s,
+            min_requests: self.min_requests,
+            max_error_rate: self.max_error_rate,
+            max_error_ratio: self.max_error_ratio,
+            latency,
+            bad_windows: self.bad_windows,
+            admin,
+        })
+    }
+}
+
+impl RawLatency {
+    fn validate(self) -> Result<LatencyRule, ConfigError> {
+        let q = "a quantile from 0.5 to 0.9999 (0.99 is p99)";
+        in_range(self.quantile, 0.5, 0.9999, "latency.quantile", q)?;
+        if !(1..=600_000).contains(&self.max_ms) {
+            return Err(ConfigError::new(
+                "latency.max_ms",
+                "expected 1 to 600000 milliseconds",
+            ));
+        }
+        let ratio = "a ratio from 1 to 1000";
+        in_range(self.max_ratio, 1.0, 1000.0, "latency.max_ratio", ratio)?;
+        Ok(LatencyRule {
+            quantile: self.quantile,
+            max_ms: self.max_ms,
+            max_ratio: self.max_ratio,
+        })
+    }
+}
+
+impl RawGuardAdmin {
+    /// The drain admin path's rules: an absolute path, the token as 64 hex digits.
+    fn validate(self) -> Result<crate::drain::Admin, ConfigError> {
+        let same = super::drain::RawAdmin {
+            path: self.path,
+            token_sha256: self.token_sha256,
+        };
+        same.validate()
+    }
 }

@@ -201,7 +201,7 @@ impl RawDrain {
 }
 
 impl RawAdmin {
-    fn validate(self) -> Result<Admin, ConfigError> {
+    pub(super) fn validate(self) -> Result<Admin, ConfigError> {
         check_path(&self.path).map_err(|m| ConfigError::new("admin.path", m))?;
         let token_sha256 = match self.token_sha256 {
             Some(t) => Some(parse_sha256_hex(&t).ok_or_else(|| {

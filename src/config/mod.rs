@@ -55,7 +55,11 @@ impl Config {
     pub fn summary(&self) -> String {
         let mut on = Vec::new();
         if let Some(c) = &self.canary {
-            on.push(format!("canary {}%", percent(c.threshold)));
+            let guard = match &c.guard {
+                Some(g) => format!(" guarded ({} s windows)", g.window_s),
+                None => String::new(),
+            };
+            on.push(format!("canary {}%{guard}", percent(c.threshold)));
         }
         if let Some(t) = &self.translate {
             on.push(format!("translate {} route(s)", t.routes.len()));
@@ -203,7 +207,8 @@ mod tests {
         assert_eq!(
             e.message,
             "unknown field `persent`, expected one of `salt`, `percent`, `user_id`, \
-             `route_header`, `allow`, `deny`, `anonymous_cookie`, `override`, `response_header`"
+             `route_header`, `allow`, `deny`, `anonymous_cookie`, `override`, `response_header`, \
+             `guard`"
         );
         let e = err(r#"{"canary": {"salt": "s", "user_id": [{"header": "x"}]}}"#);
         assert_eq!(

@@ -17,7 +17,13 @@ pub fn on_request_headers(http: &mut Http) {
     let Some(canary) = http.config.canary.as_ref() else {
         return;
     };
-    let a = canary.assign(&HostRequest, || new_anonymous_id(random_bytes()));
+    let mut a = canary.assign(&HostRequest, || new_anonymous_id(random_bytes()));
+    if canary.guard.is_some() {
+        if http.guard.aborted() {
+            a = a.aborted();
+        }
+        http.guard.start();
+    }
     http.variant = Some(a.variant);
     // Always set: whatever the client sent in this header is replaced.
     http.set_http_request_header(&canary.route_header, Some(a.variant.as_str()));

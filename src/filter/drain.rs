@@ -13,14 +13,13 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::host::{header_present, random_bytes, request_header, response_header};
+use super::host::{admin_allowed, header_present, random_bytes, request_header, response_header};
 use super::metrics::Metrics;
 use super::{Http, Root};
 use crate::drain::{
-    admin_action, authorize, hint_ms, is_admin_path, is_loopback_request, is_ready,
-    reconnect_event, start_grace, status_json, AdminAction, AdminAuth, CancelBy, Drain,
-    DrainSource, DrainState, Phase, PollLease, ReadinessVerdict, SseScanner, WorkerInflight,
-    DRAINED_ANCHOR, FORBIDDEN_ANCHOR, HINT_HEADER,
+    admin_action, hint_ms, is_admin_path, is_ready, reconnect_event, start_grace, status_json,
+    AdminAction, CancelBy, Drain, DrainSource, DrainState, Phase, PollLease, ReadinessVerdict,
+    SseScanner, WorkerInflight, DRAINED_ANCHOR, FORBIDDEN_ANCHOR, HINT_HEADER,
 };
 use crate::problem::Reply;
 
@@ -495,24 +494,10 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Option<Action
 
 fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) -> Action {
     let token = d.admin.as_ref().and_then(|a| a.token_sha256.as_ref());
-    let address = |side: &str| {
-        hostcalls::get_property(vec![side, "address"])
-            .ok()
-            .flatten()
-            .and_then(|b| String::from_utf8(b).ok())
-    };
-    let peer = address("source");
-    let loopback = is_loopback_request(
-        peer.as_deref(),
-        address("destination").as_deref(),
-        header_present(MapType::HttpRequestHeaders, "x-forwarded-for"),
-    );
-    let authorization = request_header("authorization");
-    if authorize(loopback, authorization.as_deref(), token) == AdminAuth::Denied {
+    if let Err(peer) = admin_allowed(token) {
         warn!(
-            "handoff[{}]: drain admin request refused from {}",
-            http.context_id,
-            peer.as_deref().unwrap_or("an unknown peer")
+            "handoff[{}]: drain admin request refused from {peer}",
+            http.context_id
         );
         http.send_reply(Reply::problem(
             403,

@@ -128,6 +128,29 @@ impl Head {
     }
 }
 
+/// Whether an admin request may pass: a loopback request (see
+/// [`crate::drain::is_loopback_request`]) or the bearer token whose SHA-256 is `token_sha256`.
+/// `Err` names the refused peer, for the log line.
+pub fn admin_allowed(token_sha256: Option<&[u8; 32]>) -> Result<(), String> {
+    let address = |side: &str| {
+        hostcalls::get_property(vec![side, "address"])
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+    };
+    let peer = address("source");
+    let loopback = crate::drain::is_loopback_request(
+        peer.as_deref(),
+        address("destination").as_deref(),
+        header_present(MapType::HttpRequestHeaders, "x-forwarded-for"),
+    );
+    let authorization = request_header("authorization");
+    match crate::drain::authorize(loopback, authorization.as_deref(), token_sha256) {
+        crate::drain::AdminAuth::Denied => Err(peer.unwrap_or_else(|| "an unknown peer".into())),
+        _ => Ok(()),
+    }
+}
+
 /// 16 random bytes from the host (WASI `random_get`).
 pub fn random_bytes() -> [u8; 16] {
     let mut buf = [0u8; 16];

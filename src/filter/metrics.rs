@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use crate::canary::{Reason, Variant};
 use crate::drain::{DrainSource, Phase};
+use crate::guard::Trigger;
 use crate::idempotency::Outcome;
 
 pub struct Metrics {
@@ -25,6 +26,12 @@ pub struct Metrics {
     drain_hinted: u32,
     drain_rejected: u32,
     drain_inflight: u32,
+    /// Per variant (stable, canary).
+    guard_requests: [u32; 2],
+    guard_errors: [u32; 2],
+    guard_latency: [u32; 2],
+    guard_state: u32,
+    guard_aborts: Vec<u32>,
 }
 
 fn counter(name: &str) -> u32 {
@@ -34,6 +41,12 @@ fn counter(name: &str) -> u32 {
 
 fn gauge(name: &str) -> u32 {
     hostcalls::define_metric(MetricType::Gauge, name).unwrap_or(0)
+}
+
+fn per_variant(kind: MetricType, name: &str) -> [u32; 2] {
+    Variant::ALL.map(|v| {
+        hostcalls::define_metric(kind, &format!("{name}.variant.{}", v.as_str())).unwrap_or(0)
+    })
 }
 
 fn inc(id: u32) {
@@ -74,6 +87,19 @@ impl Metrics {
             drain_hinted: counter("handoff_drain_hinted"),
             drain_rejected: counter("handoff_drain_rejected"),
             drain_inflight: gauge("handoff_drain_inflight"),
+            guard_requests: per_variant(MetricType::Counter, "handoff_canary_guard_requests"),
+            guard_errors: per_variant(MetricType::Counter, "handoff_canary_guard_errors"),
+            guard_latency: per_variant(MetricType::Histogram, "handoff_canary_guard_latency_ms"),
+            guard_state: gauge("handoff_canary_guard_state"),
+            guard_aborts: Trigger::ALL
+                .iter()
+                .map(|t| {
+                    counter(&format!(
+                        "handoff_canary_guard_aborts.trigger.{}",
+                        t.as_str()
+                    ))
+                })
+                .collect(),
         }
     }
 
@@ -141,5 +167,33 @@ impl Metrics {
 
     pub fn drain_inflight(&self, n: u64) {
         let _ = hostcalls::record_metric(self.drain_inflight, n);
+    }
+
+    /// 0 active, 1 aborted.
+    pub fn guard_state(&self, aborted: bool) {
+        let _ = hostcalls::record_metric(self.guard_state, u64::from(aborted));
+    }
+
+    /// Requests and errors counted since the last tick: `[stable requests, stable errors,
+    /// canary requests, canary errors]` (added once per tick, not per request).
+    pub fn guard_counts(&self, n: [u64; 4]) {
+        for (i, v) in n.iter().enumerate().filter(|(_, v)| **v > 0) {
+            let id = if i % 2 == 0 {
+                self.guard_requests[i / 2]
+            } else {
+                self.guard_errors[i / 2]
+            };
+            let _ = hostcalls::increment_metric(id, *v as i64);
+        }
+    }
+
+    pub fn guard_latency(&self, v: Variant, ms: u64) {
+        let i = usize::from(v == Variant::Canary);
+        let _ = hostcalls::record_metric(self.guard_latency[i], ms);
+    }
+
+    pub fn guard_aborted(&self, t: Trigger) {
+        let i = Trigger::ALL.iter().position(|x| *x == t).unwrap_or(0);
+        inc(self.guard_aborts[i]);
     }
 }

@@ -3,6 +3,7 @@
 
 mod canary;
 mod drain;
+mod guard;
 mod host;
 mod idempotency;
 mod metrics;
@@ -34,6 +35,7 @@ pub fn start() {
             config: Rc::new(Config::default()),
             metrics: Rc::new(Metrics::define()),
             drain: drain::RootDrain::new(),
+            guard: guard::RootGuard::new(),
         })
     });
 }
@@ -43,6 +45,7 @@ struct Root {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
     drain: drain::RootDrain,
+    guard: guard::RootGuard,
 }
 
 impl Context for Root {
@@ -73,6 +76,7 @@ impl RootContext for Root {
                 idempotency::on_configure(&config);
                 self.config = Rc::new(config);
                 drain::configure(self);
+                guard::configure(self);
                 true
             }
             Err(e) => {
@@ -84,7 +88,10 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        drain::on_tick(self);
+        if guard::drain_due(self) {
+            drain::on_tick(self);
+        }
+        guard::on_tick(self);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -98,6 +105,7 @@ impl RootContext for Root {
             idempotency: None,
             replied: false,
             drain: self.drain.http(),
+            guard: self.guard.http(),
             head: host::Head::default(),
         }))
     }
@@ -119,6 +127,7 @@ pub(crate) struct Http {
     translate: Option<translate::Pending>,
     idempotency: Option<idempotency::Pending>,
     drain: drain::HttpDrain,
+    guard: guard::HttpGuard,
     /// A stage answered the request itself: later stages must not run.
     replied: bool,
     /// `:method` and `:path`, read once for every stage.
@@ -153,13 +162,17 @@ impl Context for Http {
 
 impl HttpContext for Http {
     // Stage order on the request: drain (its admin path and the drained 503 come first),
-    // canary (decides the cohort), translate (rewrites path and body for the backend's
+    // the canary guard's admin path, canary (decides the cohort; counted by the guard at the
+    // response headers), translate (rewrites path and body for the backend's
     // version), idempotency (fingerprints the request as forwarded). On the response,
     // idempotency captures the upstream's own response before translate rewrites it for the
     // client.
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if let Some(action) = drain::on_request_headers(self, end_of_stream) {
             self.replied = true;
+            return action;
+        }
+        if let Some(action) = guard::on_request_headers(self) {
             return action;
         }
         if self.config.canary.is_some() {
@@ -209,6 +222,7 @@ impl HttpContext for Http {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // Capture the upstream's own response before anything rewrites it.
         let a = idempotency::on_response_headers(self, end_of_stream);
+        guard::on_response_headers(self);
         if let Some(pending) = self.canary.take() {
             canary::on_response_headers(self, pending);
         }

@@ -6,7 +6,6 @@ use proxy_wasm::types::Status;
 use crate::shared::{SharedData, WriteError};
 
 /// The process-wide shared data of this Envoy.
-#[allow(dead_code)] // until the drain, idempotency and guard glue move onto it
 pub struct HostShared;
 
 impl SharedData for HostShared {

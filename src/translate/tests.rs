@@ -5,7 +5,7 @@ use crate::config::{Config, ConfigError};
 use proptest::prelude::*;
 use serde_json::json;
 
-/// The payments contract from the README.
+/// The payments contract of docs/configure/translate.md.
 fn payments(backend: Value, extra: impl FnOnce(&mut Value)) -> Value {
     let mut route = json!({
         "name": "payments",

@@ -37,6 +37,12 @@ impl Backend {
         }
     }
 
+    /// The two versions the fixtures route to: a v1 instance named `v1_name` and a v2 instance
+    /// named `v2_name` (see `EnvoyOpts::versions`).
+    pub fn versions(v1_name: &str, v2_name: &str) -> (Backend, Backend) {
+        (Backend::start(v1_name, "v1"), Backend::start(v2_name, "v2"))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -86,6 +92,14 @@ impl Backend {
     pub async fn set_drain_signal(&self, on: bool) {
         self.post(&format!("/_admin/drain-signal?on={}", u8::from(on)))
             .await;
+    }
+
+    /// From now on `error_pct` of every 100 requests answer 503, and each waits `delay_ms` more.
+    pub async fn set_fault(&self, error_pct: u32, delay_ms: u64) {
+        self.post(&format!(
+            "/_admin/fault?error_pct={error_pct}&delay_ms={delay_ms}"
+        ))
+        .await;
     }
 
     pub fn kill(&mut self) {

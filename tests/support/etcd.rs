@@ -20,18 +20,50 @@ pub fn etcd_bin() -> PathBuf {
 }
 
 impl Etcd {
-    /// Starts etcd and waits until `/health` reports healthy.
+    /// Starts etcd and waits until `/health` reports healthy. A start that lost one of its
+    /// ports to another process is tried again on new ports.
     pub async fn start() -> Etcd {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut etcd = Etcd {
-            child: None,
-            client_port: super::free_port(),
-            peer_port: super::free_port(),
-            dir,
-        };
-        etcd.spawn();
-        etcd.wait_healthy().await;
-        etcd
+        for _ in 0..5 {
+            let mut etcd = Etcd {
+                child: None,
+                client_port: super::free_port(),
+                peer_port: super::free_port(),
+                dir: tempfile::tempdir().expect("tempdir"),
+            };
+            etcd.spawn();
+            if etcd.healthy_or_lost_a_port().await {
+                return etcd;
+            }
+        }
+        panic!("etcd lost one of its ports to another process five times in a row");
+    }
+
+    /// Waits until etcd is healthy (true) or has exited because a port was taken (false).
+    async fn healthy_or_lost_a_port(&mut self) -> bool {
+        let url = self.url("/health");
+        let exited = super::wait_for("etcd /health", Duration::from_secs(30), || {
+            let url = url.clone();
+            let gone = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            async move {
+                if gone {
+                    return Some(true);
+                }
+                let r = super::h1().get(url).send().await.ok()?;
+                let v: serde_json::Value = r.json().await.ok()?;
+                (v["health"] == "true").then_some(false)
+            }
+        })
+        .await;
+        if !exited {
+            return true;
+        }
+        self.child = None;
+        let log = self.log();
+        assert!(super::lost_a_port(&log), "etcd exited:\n{log}");
+        false
     }
 
     fn spawn(&mut self) {
@@ -163,10 +195,7 @@ pub async fn idempotency_envoy(
 
 /// `handoff_idempotency_outcomes{outcome=<name>}` of one Envoy.
 pub async fn outcome(envoy: &super::Envoy, name: &str) -> f64 {
-    envoy
-        .stats()
-        .await
-        .get("handoff_idempotency_outcomes", &[("outcome", name)])
+    envoy.idempotency_outcome(name).await
 }
 
 /// The shared-store topology: one etcd, one payments upstream, two Envoys running

@@ -5,19 +5,23 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub mod backend;
+pub mod client;
 pub mod drain;
 pub mod etcd;
 pub mod lds;
 pub mod tokens;
 pub use backend::Backend;
+#[allow(unused_imports)]
+pub use client::{assert_problem_body, cohort, payment, post, send, user_in, Resp};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -41,12 +45,27 @@ pub fn wasm_path() -> PathBuf {
     p
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, and that no other caller in this test
+/// process has been given: parallel tests never pick the same port. Another process can still
+/// bind it before the caller does; [`Envoy::start`] and [`etcd::Etcd::start`] then start again
+/// on new ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
+
+/// A log that says a process could not bind one of its ports (another process took it between
+/// [`free_port`] and the bind).
+pub fn lost_a_port(log: &str) -> bool {
+    log.contains("Address already in use") || log.contains("address already in use")
 }
 
 /// Waits until `check` returns `Some`, polling; panics with `what` after `timeout`.
@@ -129,6 +148,12 @@ impl EnvoyOpts {
         self
     }
 
+    /// Points the fixture's two upstreams, v1 / stable on 8081 and v2 / canary on 8082, at
+    /// running backends.
+    pub fn versions(self, on_8081: &Backend, on_8082: &Backend) -> Self {
+        self.upstream(8081, on_8081).upstream(8082, on_8082)
+    }
+
     pub fn port(mut self, fixture_port: u16, real: u16) -> Self {
         self.ports.insert(fixture_port, real);
         self
@@ -143,6 +168,23 @@ impl EnvoyOpts {
         self.edit = Some(Box::new(f));
         self
     }
+}
+
+/// `envoy/translate.yaml` with this plugin configuration and bootstrap edit, in front of a v1
+/// (`v1`, port 8081) and a v2 (`v2`, port 8082) payments instance.
+pub async fn translate_envoy(
+    plugin_config: Value,
+    edit: impl FnOnce(&mut Value) + 'static,
+) -> (Envoy, Backend, Backend) {
+    let (v1, v2) = Backend::versions("v1", "v2");
+    let envoy = Envoy::start(
+        EnvoyOpts::new("translate")
+            .versions(&v1, &v2)
+            .plugin_config(plugin_config)
+            .edit(edit),
+    )
+    .await;
+    (envoy, v1, v2)
 }
 
 /// Reads a fixture (YAML) as JSON.
@@ -217,45 +259,22 @@ pub struct Envoy {
     _dir: tempfile::TempDir,
 }
 
-impl Envoy {
-    /// Starts Envoy and waits until its admin endpoint reports LIVE.
-    pub async fn start(opts: EnvoyOpts) -> Envoy {
-        let mut envoy = Envoy::spawn(opts);
-        let admin = envoy.admin;
-        let client = h1();
-        let mut child = envoy.child.take().expect("child");
-        let log_path = envoy.log_path.clone();
-        let ready = wait_for_ready(&client, admin, &mut child, Duration::from_secs(60)).await;
-        envoy.child = Some(child);
-        if let Err(why) = ready {
-            panic!(
-                "Envoy did not become ready: {why}\n--- envoy log ---\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            );
-        }
-        envoy
-    }
+/// How many times a start that lost one of its ports to another process is tried again.
+const PORT_RETRIES: usize = 5;
 
-    /// Starts Envoy expecting it to refuse the configuration; returns its log once it exited.
-    pub async fn start_expecting_failure(opts: EnvoyOpts) -> String {
-        let mut envoy = Envoy::spawn(opts);
-        let mut child = envoy.child.take().expect("child");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                assert!(!status.success(), "Envoy exited successfully");
-                return envoy.log();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("Envoy kept running with a bad config:\n{}", envoy.log());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
+/// A bootstrap ready to run: the fixture with its ports chosen and the test's edits applied.
+struct Launch {
+    cfg: Value,
+    /// Fixture port -> real port.
+    ports: HashMap<u16, u16>,
+    /// The fixture ports the test chose itself (upstreams it started): never moved.
+    pinned: BTreeSet<u16>,
+    concurrency: u32,
+    args: Vec<String>,
+}
 
-    fn spawn(mut opts: EnvoyOpts) -> Envoy {
+impl Launch {
+    fn new(mut opts: EnvoyOpts) -> Launch {
         let mut cfg = load_fixture(&opts.fixture);
         let wasm = wasm_path();
         let plugin = opts.plugin_config.take();
@@ -265,28 +284,125 @@ impl Envoy {
                 c["configuration"]["value"] = Value::from(p.to_string());
             }
         });
+        let pinned = opts.ports.keys().copied().collect();
         let mut ports = opts.ports.clone();
         remap_ports(&mut cfg, &mut ports);
         if let Some(edit) = opts.edit.take() {
             edit(&mut cfg);
         }
+        Launch {
+            cfg,
+            ports,
+            pinned,
+            concurrency: opts.concurrency,
+            args: opts.args,
+        }
+    }
+
+    /// Gives every port the harness chose a new free one (another process took one of them).
+    fn move_ports(&mut self) {
+        let mut moved = HashMap::new();
+        for (fixture, real) in self.ports.iter_mut() {
+            if !self.pinned.contains(fixture) {
+                let new = free_port();
+                moved.insert(*real, new);
+                *real = new;
+            }
+        }
+        replace_ports(&mut self.cfg, &moved);
+    }
+}
+
+/// Replaces each `port_value` found in `moved` (old real port -> new real port).
+fn replace_ports(v: &mut Value, moved: &HashMap<u16, u16>) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map.iter_mut() {
+                match child.as_u64().and_then(|p| moved.get(&(p as u16))) {
+                    Some(new) if k == "port_value" => *child = Value::from(*new),
+                    _ => replace_ports(child, moved),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|c| replace_ports(c, moved)),
+        _ => {}
+    }
+}
+
+impl Envoy {
+    /// Starts Envoy and waits until its admin endpoint reports LIVE. A start that lost one of
+    /// its ports to another process is tried again on new ports.
+    pub async fn start(opts: EnvoyOpts) -> Envoy {
+        let mut launch = Launch::new(opts);
+        let client = h1();
+        for attempt in 1.. {
+            let mut envoy = Envoy::spawn(&launch);
+            let admin = envoy.admin;
+            let mut child = envoy.child.take().expect("child");
+            let ready = wait_for_ready(&client, admin, &mut child, Duration::from_secs(60)).await;
+            envoy.child = Some(child);
+            match ready {
+                Ok(()) => return envoy,
+                Err(_) if attempt < PORT_RETRIES && lost_a_port(&envoy.log()) => {
+                    launch.move_ports();
+                }
+                Err(why) => panic!(
+                    "Envoy did not become ready: {why}\n--- envoy log ---\n{}",
+                    envoy.log()
+                ),
+            }
+        }
+        unreachable!()
+    }
+
+    /// Starts Envoy expecting it to refuse the configuration; returns its log once it exited.
+    pub async fn start_expecting_failure(opts: EnvoyOpts) -> String {
+        let mut launch = Launch::new(opts);
+        for attempt in 1.. {
+            let mut envoy = Envoy::spawn(&launch);
+            let mut child = envoy.child.take().expect("child");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let status = loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    break status;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("Envoy kept running with a bad config:\n{}", envoy.log());
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            };
+            assert!(!status.success(), "Envoy exited successfully");
+            let log = envoy.log();
+            if attempt < PORT_RETRIES && lost_a_port(&log) {
+                launch.move_ports();
+                continue;
+            }
+            return log;
+        }
+        unreachable!()
+    }
+
+    fn spawn(launch: &Launch) -> Envoy {
+        let cfg = &launch.cfg;
         let admin_port = cfg
             .pointer("/admin/address/socket_address/port_value")
             .and_then(Value::as_u64)
             .expect("fixture has an admin port") as u16;
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("envoy.json");
-        std::fs::write(&config_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        std::fs::write(&config_path, serde_json::to_vec_pretty(cfg).unwrap()).unwrap();
         let log_path = dir.path().join("envoy.log");
         let child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&config_path)
-            .args(["--concurrency", &opts.concurrency.to_string()])
+            .args(["--concurrency", &launch.concurrency.to_string()])
             .args(["--disable-hot-restart", "-l", "info"])
             // Envoy buffers its log file (10 s by default): flush quickly so a test that
             // reads the log sees what already happened.
             .args(["--file-flush-interval-msec", "50"])
-            .args(&opts.args)
+            .args(&launch.args)
             .arg("--log-path")
             .arg(&log_path)
             .current_dir(root())
@@ -303,7 +419,7 @@ impl Envoy {
         Envoy {
             child: Some(child),
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-            ports,
+            ports: launch.ports.clone(),
             log_path,
             config_path,
             _dir: dir,
@@ -326,6 +442,31 @@ impl Envoy {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Envoy's log once it contains `needle` (the log file is flushed every 50 ms); panics
+    /// with the log after 10 s.
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Envoy's log never said {needle:?}:\n{}",
+                tail(&log, 100)
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `handoff_idempotency_outcomes{outcome=<name>}`.
+    pub async fn idempotency_outcome(&self, name: &str) -> f64 {
+        self.stats()
+            .await
+            .get("handoff_idempotency_outcomes", &[("outcome", name)])
     }
 
     pub fn pid(&self) -> u32 {
@@ -421,24 +562,95 @@ impl Stats {
         Stats(out)
     }
 
-    /// The value of `name` with exactly these labels (`&[("variant", "canary")]`), 0 if absent.
+    /// The value of `name` with exactly these labels (`&[("variant", "canary")]`). A series
+    /// Envoy does not report fails the test (a renamed metric must not read as 0); use
+    /// [`Stats::get_or_zero`] for one that exists only once counted.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-        l.sort();
+        let key = Stats::key(name, labels);
+        match self.0.get(&key) {
+            Some(v) => *v,
+            None => panic!(
+                "no metric {key} in /stats/prometheus; {}",
+                self.similar(name)
+            ),
+        }
+    }
+
+    /// `handoff_canary_decisions{variant, reason}`, as [`Stats::get`].
+    pub fn decisions(&self, variant: &str, reason: &str) -> f64 {
+        self.get(
+            "handoff_canary_decisions",
+            &[("variant", variant), ("reason", reason)],
+        )
+    }
+
+    /// [`Stats::get`] for a series that legitimately does not exist yet (a counter defined on
+    /// first use, such as one labelled by a configured route name): 0 when absent.
+    pub fn get_or_zero(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.0
-            .get(&format!("{name}{{{}}}", l.join(",")))
+            .get(&Stats::key(name, labels))
             .copied()
             .unwrap_or(0.0)
     }
 
-    /// Sum of `name` over all label sets.
+    /// Sum of `name` over all label sets; fails the test when Envoy reports no series of that
+    /// name (see [`Stats::sum_or_zero`]).
     pub fn sum(&self, name: &str) -> f64 {
+        assert!(
+            self.has(name),
+            "no metric {name} in /stats/prometheus; {}",
+            self.similar(name)
+        );
+        self.sum_or_zero(name)
+    }
+
+    /// [`Stats::sum`] for a metric that legitimately does not exist yet: 0 when absent.
+    pub fn sum_or_zero(&self, name: &str) -> f64 {
         let prefix = format!("{name}{{");
         self.0
             .iter()
             .filter(|(k, _)| k.starts_with(&prefix))
             .map(|(_, v)| v)
             .sum()
+    }
+
+    /// Sum of `name` over the series that carry these labels (and any others): the decisions
+    /// of one `reason` whatever their `variant`. Fails the test like [`Stats::sum`].
+    pub fn sum_with(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let _ = self.sum(name);
+        let want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        let prefix = format!("{name}{{");
+        self.0
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.trim_end_matches('}'), v)))
+            .filter(|(l, _)| want.iter().all(|w| l.split(',').any(|x| x == w)))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Envoy reports at least one series of `name`.
+    pub fn has(&self, name: &str) -> bool {
+        let prefix = format!("{name}{{");
+        self.0.keys().any(|k| k.starts_with(&prefix))
+    }
+
+    fn key(name: &str, labels: &[(&str, &str)]) -> String {
+        let mut l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        l.sort();
+        format!("{name}{{{}}}", l.join(","))
+    }
+
+    /// The series that share the first word of `name` after `handoff_`, for the failure message.
+    fn similar(&self, name: &str) -> String {
+        let stem: String = name.splitn(3, '_').take(2).collect::<Vec<_>>().join("_");
+        let mut near: Vec<&str> = self
+            .0
+            .keys()
+            .filter(|k| k.starts_with(&stem))
+            .map(String::as_str)
+            .collect();
+        near.sort();
+        format!("reported with that stem: [{}]", near.join(", "))
     }
 }
 
