@@ -26,7 +26,7 @@ WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/"
 export ENVOY_BIN := $(abspath $(ENVOY))
 
 .PHONY: help setup rust-targets envoy apt-tools wasm-bindgen build test lint unit validate \
-        wasm-test docs-test e2e run clean image istio-sync istio-test image-test \
+        wasm-test docs-test e2e ws-peers run clean image istio-sync istio-test image-test \
         bench bench-quick bench-profile bench-deps bench-noop \
         tools deny fuzz fuzz-smoke rollout rollout-small drain-clients drain-clients-deps
 
@@ -42,7 +42,7 @@ help:
 	@echo "make rollout  the full rollout scenario under load; writes bench/rollout.md"
 	@echo "make drain-clients  the drain through real client libraries -> docs/drain-clients.md"
 
-setup: rust-targets envoy apt-tools wasm-bindgen
+setup: rust-targets envoy ws-peers apt-tools wasm-bindgen
 
 rust-targets:
 	@for t in wasm32-wasip1 wasm32-unknown-unknown; do \
@@ -147,7 +147,13 @@ wasm-test:
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 	  cargo test --target wasm32-unknown-unknown --test wasm_golden
 
-e2e: build
+# The WebSocket peers that speak permessage-deflate (tests/support/ws_deflate.py), in the
+# Envoy venv.
+ws-peers: envoy
+	@$(VENV)/bin/python -c 'import websockets' 2>/dev/null || \
+	  $(VENV)/bin/pip install --quiet --disable-pip-version-check 'websockets>=14'
+
+e2e: build ws-peers
 	@# `cargo test --test X` does not build examples; the e2e upstream is one.
 	cargo build --quiet --example payments
 	cargo test --test 'e2e_*'
@@ -222,7 +228,8 @@ deny: $(CARGO_DENY)
 # the sanitizer runtimes).
 FUZZ_SECONDS ?= 60
 FUZZ_SMOKE_SECONDS ?= 5
-FUZZ_TARGETS  := config_parse cookie_query cohort translate_json sse_inject idempotency_key
+FUZZ_TARGETS  := config_parse cookie_query cohort translate_json sse_inject websocket_frames \
+  idempotency_key
 FUZZ_RUN      = RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run --fuzz-dir fuzz $(1) \
   fuzz/corpus/$(1) fuzz/seeds/$(1) fuzz/regressions/$(1) -- -max_total_time=$(2) -print_final_stats=1
 

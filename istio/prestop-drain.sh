@@ -2,7 +2,8 @@
 # prestop-drain.sh: drain this pod's handoff filter before Kubernetes stops it.
 #
 # Starts a drain on handoff's admin path (POST), then polls its state (GET) until no request is
-# in flight in this Envoy, or until the deadline passes. Use it as the preStop hook of the
+# in flight in this Envoy, or until the deadline passes. An open WebSocket counts as in flight
+# until it is closed (with the drain's `websocket` part, handoff closes each one with 1001). Use it as the preStop hook of the
 # container that runs it (it needs only curl and a POSIX sh):
 #
 #   lifecycle:

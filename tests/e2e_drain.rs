@@ -402,6 +402,12 @@ async fn after_the_grace_new_requests_get_503_and_never_reach_the_app() {
         (state(&envoy).await["inflight"] == 1).then_some(())
     })
     .await;
+    // Counted by the app too (Envoy counts it first: on a loaded machine the app may see it
+    // later, which would look like one of the refused requests).
+    wait_for("the app saw the slow request", WAIT, || async {
+        (app.requests().await == 1).then_some(())
+    })
+    .await;
 
     let s = admin(&envoy, reqwest::Method::POST, "?grace_s=0").await;
     assert_eq!(s["state"], "drained");

@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use super::error::{check_header_name, ConfigError};
 use super::walk::{object, string, u32_};
+use crate::drain::websocket::{Websocket, MAX_CLOSE_REASON};
 use crate::drain::{
     Admin, Drain, Readiness, DEFAULT_ADMIN_PATH, MAX_GRACE_S, MAX_INTERVAL_MS, MAX_JITTER_MS,
     MIN_INTERVAL_MS,
@@ -25,6 +26,91 @@ pub struct RawDrain {
     pub reconnect_jitter_ms: u32,
     #[serde(default = "default_retry_after_s")]
     pub retry_after_s: u32,
+    pub websocket: Option<RawWebsocket>,
+}
+
+/// Upgraded WebSocket connections at a drain: an optional migration message, then a Close.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawWebsocket {
+    /// A JSON object sent to the client as one text message, with `reconnect_after_ms` added.
+    pub migration_message: Option<serde_json::Value>,
+    #[serde(default = "default_close_code")]
+    pub close_code: u32,
+    #[serde(default = "default_close_reason")]
+    pub close_reason: String,
+}
+
+fn default_close_code() -> u32 {
+    1001
+}
+fn default_close_reason() -> String {
+    "going away".to_string()
+}
+
+/// The longest migration message accepted, as rendered JSON.
+pub const MAX_MIGRATION_BYTES: usize = 4096;
+
+impl RawWebsocket {
+    pub fn validate(self) -> Result<Websocket, ConfigError> {
+        let migration_prefix = match self.migration_message {
+            None => None,
+            Some(serde_json::Value::Object(map)) => {
+                if map.contains_key("reconnect_after_ms") {
+                    return Err(ConfigError::new(
+                        "migration_message.reconnect_after_ms",
+                        "handoff adds `reconnect_after_ms` itself: remove it",
+                    ));
+                }
+                // Through `to_vec`, the serializer translate already uses: `to_string` would add a
+                // second copy of it to the wasm.
+                let json = serde_json::to_vec(&serde_json::Value::Object(map))
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .unwrap_or_default();
+                if json.len() > MAX_MIGRATION_BYTES {
+                    return Err(ConfigError::new(
+                        "migration_message",
+                        format!(
+                            "expected at most {MAX_MIGRATION_BYTES} bytes of JSON, got {}",
+                            json.len()
+                        ),
+                    ));
+                }
+                Some(json[..json.len() - 1].to_string())
+            }
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "migration_message",
+                    "expected a JSON object such as {\"type\": \"server_migration\"}",
+                ))
+            }
+        };
+        let close_code = match self.close_code {
+            c @ (1000 | 1001 | 4000..=4999) => c as u16,
+            c => {
+                return Err(ConfigError::new(
+                    "close_code",
+                    format!("expected 1000, 1001 or 4000 to 4999, got {c}"),
+                ))
+            }
+        };
+        if self.close_reason.len() > MAX_CLOSE_REASON {
+            return Err(ConfigError::new(
+                "close_reason",
+                format!(
+                    "expected at most {MAX_CLOSE_REASON} bytes of UTF-8, got {}",
+                    self.close_reason.len()
+                ),
+            ));
+        }
+        Ok(Websocket {
+            migration_prefix,
+            close_code,
+            close_reason: self.close_reason,
+        })
+    }
 }
 
 fn default_grace_s() -> u32 {
@@ -112,6 +198,13 @@ pub(super) fn walk(v: &Value) -> Result<RawDrain, ConfigError> {
         grace_s: o.or("grace_s", u32_, default_grace_s),
         reconnect_jitter_ms: o.or("reconnect_jitter_ms", u32_, default_jitter_ms),
         retry_after_s: o.or("retry_after_s", u32_, default_retry_after_s),
+        websocket: o.opt("websocket", |v| {
+            object(v, "RawWebsocket", |o| RawWebsocket {
+                migration_message: o.opt("migration_message", |v| Ok(v.clone())),
+                close_code: o.or("close_code", u32_, default_close_code),
+                close_reason: o.or("close_reason", string, default_close_reason),
+            })
+        }),
     })
 }
 
@@ -188,7 +281,12 @@ impl RawDrain {
                 format!("expected 0 to 3600 seconds, got {}", self.retry_after_s),
             ));
         }
+        let websocket = self
+            .websocket
+            .map(|w| w.validate().map_err(|e| e.within("websocket")))
+            .transpose()?;
         Ok(Drain {
+            websocket,
             admin,
             upstream_signal,
             readiness,

@@ -1,35 +1,31 @@
-//! Drain glue: the drain state lives in proxy-wasm shared data (one record for the whole Envoy
-//! process, every worker), written with compare-and-swap. Each worker's root context ticks to
-//! refresh its cached copy and polls readiness (one worker at a time, under a lease); HTTP
-//! contexts read the cache, except the admin path, which reads and writes the record itself.
-//! The worker whose CAS makes a transition is the one that tells Envoy's admin
-//! (`/healthcheck/fail` / `/healthcheck/ok`), so each transition is sent exactly once.
+//! Drain glue: reads the host, performs the steps of `crate::drain::flow` and applies the
+//! edits of `crate::drain::websocket`. The drain state lives in proxy-wasm shared data (one
+//! record for the whole Envoy process, every worker), reached through [`HostShared`]. Each
+//! worker's root context ticks to refresh its cached copy and its in-flight heartbeat, and polls
+//! readiness (one worker at a time, under a lease). The worker whose compare-and-swap makes a
+//! transition is the one that tells Envoy's admin (`/healthcheck/fail` / `/healthcheck/ok`), so
+//! each transition is sent exactly once.
 
 use log::{error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::HttpContext;
-use proxy_wasm::types::{Action, BufferType, MapType, Status};
+use proxy_wasm::types::{Action, BufferType, MapType};
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::host::{admin_allowed, header_present, random_bytes, request_header, response_header};
+use super::host::{admin_caller, header_present, random_bytes};
 use super::metrics::Metrics;
+use super::shared::HostShared;
 use super::{Http, Root};
+use crate::drain::flow::{self, AdminRequest, AdminStep, Change, RequestStep, ResponseHead};
+use crate::drain::websocket::{Connection, Direction, Moment};
 use crate::drain::{
-    admin_action, hint_ms, is_admin_path, is_ready, reconnect_event, start_grace, status_json,
-    AdminAction, CancelBy, Drain, DrainSource, DrainState, Phase, PollLease, ReadinessVerdict,
-    SseScanner, WorkerInflight, DRAINED_ANCHOR, FORBIDDEN_ANCHOR, HINT_HEADER,
+    hint_ms, inflight_key, is_ready, read_inflight, read_state, reconnect_event, Drain, DrainState,
+    ReadinessVerdict, SseScanner, WorkerInflight, HINT_HEADER,
 };
-use crate::problem::Reply;
 
-const STATE_KEY: &str = "handoff.drain.state";
-/// The registry of workers publishing an in-flight record (`crate::drain::register_worker`).
-const WORKERS_KEY: &str = "handoff.drain.workers";
-/// Prefix of each worker's in-flight record (the worker id follows).
-const INFLIGHT_PREFIX: &str = "handoff.drain.inflight.";
-const LEASE_KEY: &str = "handoff.drain.poller";
-const CAS_RETRIES: usize = 64;
+const STORE: &HostShared = &HostShared;
 const ENVOY_ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn now_ms() -> u64 {
@@ -44,97 +40,21 @@ fn random_u32() -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn read_state() -> (DrainState, Option<u32>) {
-    match hostcalls::get_shared_data(STATE_KEY) {
-        Ok((Some(bytes), cas)) => (
-            DrainState::decode(&bytes).unwrap_or(DrainState::serving(0)),
-            cas,
-        ),
-        _ => (DrainState::serving(0), None),
-    }
+fn mask_key() -> [u8; 4] {
+    let b = random_bytes();
+    [b[0], b[1], b[2], b[3]]
 }
 
-/// Applies `f` to the shared state with CAS. Returns the state now in effect and whether this
-/// call made the transition.
-fn transition(f: &dyn Fn(&DrainState) -> Option<DrainState>) -> (DrainState, bool) {
-    let mut current = DrainState::serving(0);
-    for _ in 0..CAS_RETRIES {
-        let (cur, cas) = read_state();
-        current = cur;
-        let Some(next) = f(&cur) else {
-            return (cur, false);
-        };
-        match hostcalls::set_shared_data(STATE_KEY, Some(&next.encode()), cas) {
-            Ok(()) => return (next, true),
-            Err(Status::CasMismatch) => continue,
-            Err(e) => {
-                error!("handoff: drain state not written: {e:?}");
-                break;
-            }
-        }
-    }
-    (current, false)
+fn request_bytes(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
 }
 
-fn inflight_key(worker: u64) -> String {
-    format!("{INFLIGHT_PREFIX}{worker}")
-}
-
-fn read_worker(worker: u64) -> Option<WorkerInflight> {
-    match hostcalls::get_shared_data(&inflight_key(worker)) {
-        Ok((Some(b), _)) => WorkerInflight::decode(&b),
-        _ => None,
-    }
-}
-
-fn read_workers() -> (Vec<u64>, Option<u32>) {
-    match hostcalls::get_shared_data(WORKERS_KEY) {
-        Ok((Some(b), cas)) => (crate::drain::decode_workers(&b), cas),
-        Ok((None, cas)) => (Vec::new(), cas),
-        Err(_) => (Vec::new(), None),
-    }
-}
-
-/// Requests in flight in this Envoy: the sum of the live workers' records. Each worker writes
-/// its record at every request start and end, so the sum is exact for live workers.
-fn read_inflight(tick_ms: u32) -> u64 {
-    let now = now_ms();
-    read_workers()
-        .0
-        .into_iter()
-        .filter_map(read_worker)
-        .filter(|w| w.live(now, tick_ms))
-        .map(|w| w.count)
-        .sum()
-}
-
-/// Adds this worker to the registry (dropping workers whose record went stale).
-fn register_worker(me: u64, tick_ms: u32) {
-    let now = now_ms();
-    let live = |id: u64| read_worker(id).is_some_and(|w| w.live(now, tick_ms));
-    for _ in 0..CAS_RETRIES {
-        let (ids, cas) = read_workers();
-        let Some(next) = crate::drain::register_worker(&ids, me, &live) else {
-            return;
-        };
-        match hostcalls::set_shared_data(
-            WORKERS_KEY,
-            Some(&crate::drain::encode_workers(&next)),
-            cas,
-        ) {
-            Ok(()) => return,
-            Err(Status::CasMismatch) => continue,
-            Err(_) => break,
-        }
-    }
-    warn!("handoff: drain worker registry not updated (contention)");
-}
-
-/// Creates a shared record unless a worker (or an earlier configuration) already did.
-fn init_key(key: &str, value: &[u8]) {
-    if let Ok((None, _)) = hostcalls::get_shared_data(key) {
-        let _ = hostcalls::set_shared_data(key, Some(value), None);
-    }
+fn response_bytes(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+        .ok()
+        .flatten()
 }
 
 /// `POST /healthcheck/fail` (drain) or `/healthcheck/ok` (cancel) on Envoy's own admin, through
@@ -179,20 +99,29 @@ fn log_envoy_admin_answer() {
     }
 }
 
-fn announce(metrics: &Metrics, state: &DrainState, started: Option<DrainSource>) {
-    let now = now_ms();
-    metrics.drain_state(state.phase(now));
-    match started {
+/// Caches the state a transition left in effect, and announces the transition when this call
+/// made it. Returns whether it did (the caller then tells Envoy's admin).
+fn apply(cache: &Cache, metrics: &Metrics, c: &Change) -> bool {
+    cache.set(c.state);
+    if c.failed {
+        error!("handoff: drain state not written (contention or a host refusal)");
+    }
+    if !c.changed {
+        return false;
+    }
+    metrics.drain_state(c.state.phase(now_ms()));
+    match c.started {
         Some(source) => {
             metrics.drain_started(source);
             info!(
                 "handoff: drain started by {} (grace {}s)",
                 source.as_str(),
-                state.grace_s
+                c.state.grace_s
             );
         }
         None => info!("handoff: drain cancelled, serving"),
     }
+    true
 }
 
 /// The worker's cached copy of the shared state, shared by its root and HTTP contexts, and
@@ -202,13 +131,17 @@ pub struct Cache {
     inflight: Cell<WorkerInflight>,
     /// This worker's in-flight record in shared data.
     inflight_key: String,
+    /// This worker's open WebSockets that handoff has not closed yet.
+    websockets_unclosed: Cell<u64>,
+    /// The drain generation whose end of grace this worker has counted idle WebSockets for.
+    idle_counted: Cell<Option<u32>>,
 }
 
 impl Cache {
     /// Publishes this worker's in-flight record (one write; only this worker writes it).
     fn publish(&self, w: WorkerInflight) {
         self.inflight.set(w);
-        let _ = hostcalls::set_shared_data(&self.inflight_key, Some(&w.encode()), None);
+        crate::drain::publish_inflight(STORE, &self.inflight_key, w);
     }
 
     fn add_inflight(&self, delta: i64) {
@@ -224,6 +157,11 @@ impl Cache {
     fn set(&self, s: DrainState) {
         self.state.set(Some(s));
     }
+
+    fn add_unclosed(&self, delta: i64) {
+        let n = self.websockets_unclosed.get().saturating_add_signed(delta);
+        self.websockets_unclosed.set(n);
+    }
 }
 
 pub struct RootDrain {
@@ -231,6 +169,8 @@ pub struct RootDrain {
     /// Identifies this worker in the poller lease (context ids repeat across workers).
     worker_id: u64,
     poll: Option<u32>,
+    /// When this worker last sent a readiness poll (ticks are faster than polls).
+    last_poll_ms: u64,
     /// Envoy admin calls made from the root context, answered in `on_root_call_response`.
     admin_calls: Vec<u32>,
 }
@@ -246,9 +186,12 @@ impl RootDrain {
                 state: Cell::new(None),
                 inflight: Cell::new(WorkerInflight::default()),
                 inflight_key: inflight_key(worker_id),
+                websockets_unclosed: Cell::new(0),
+                idle_counted: Cell::new(None),
             }),
             worker_id,
             poll: None,
+            last_poll_ms: 0,
             admin_calls: Vec::new(),
         }
     }
@@ -260,6 +203,8 @@ impl RootDrain {
             callout: None,
             sse: None,
             admin_body: None,
+            websocket_requested: false,
+            websocket: None,
         }
     }
 }
@@ -271,16 +216,17 @@ pub fn configure(root: &mut Root) {
     let Some(d) = root.config.drain.as_ref() else {
         return;
     };
-    init_key(STATE_KEY, &DrainState::serving(now_ms()).encode());
-    init_key(LEASE_KEY, &PollLease::default().encode());
-    let (state, _) = read_state();
-    root.drain.cache.set(state);
+    let now = now_ms();
+    crate::drain::init(STORE, now);
     let cache = &root.drain.cache;
+    cache.set(read_state(STORE));
     cache.publish(WorkerInflight {
-        heartbeat_ms: now_ms(),
+        heartbeat_ms: now,
         ..cache.inflight.get()
     });
-    register_worker(root.drain.worker_id, d.tick_ms());
+    if !crate::drain::register_worker(STORE, root.drain.worker_id, now, d.tick_ms()) {
+        warn!("handoff: drain worker registry not updated (contention)");
+    }
     let _ = hostcalls::set_tick_period(Duration::from_millis(u64::from(d.tick_ms())));
 }
 
@@ -290,23 +236,37 @@ pub fn on_tick(root: &mut Root) {
         return;
     };
     let now = now_ms();
-    let (state, _) = read_state();
+    let state = read_state(STORE);
     let cache = &root.drain.cache;
     cache.set(state);
     cache.publish(WorkerInflight {
         heartbeat_ms: now,
         ..cache.inflight.get()
     });
-    root.metrics.drain_state(state.phase(now));
+    let phase = state.phase(now);
+    root.metrics.drain_state(phase);
     // Published here, not per request: the gauge lags by at most one tick.
-    root.metrics.drain_inflight(read_inflight(d.tick_ms()));
+    root.metrics
+        .drain_inflight(read_inflight(STORE, now, d.tick_ms()));
+    if phase == crate::drain::Phase::Drained && cache.idle_counted.get() != Some(state.generation) {
+        // WebSockets still open that no frame let handoff close before the grace ended.
+        cache.idle_counted.set(Some(state.generation));
+        root.metrics
+            .websocket_idle_at_grace_end(cache.websockets_unclosed.get());
+    }
     let Some(r) = &d.readiness else {
         return;
     };
-    if root.drain.poll.is_some() {
-        return; // the previous poll is still out; its timeout bounds the wait
+    if root.drain.poll.is_some() || now < root.drain.last_poll_ms + u64::from(r.interval_ms) {
+        return; // the previous poll is still out (its timeout bounds the wait), or not due
     }
-    if !acquire_lease(root.drain.worker_id, now, 3 * u64::from(r.interval_ms)) {
+    root.drain.last_poll_ms = now;
+    if !crate::drain::acquire_lease(
+        STORE,
+        root.drain.worker_id,
+        now,
+        3 * u64::from(r.interval_ms),
+    ) {
         return;
     }
     match hostcalls::dispatch_http_call(
@@ -331,24 +291,6 @@ pub fn on_tick(root: &mut Root) {
     }
 }
 
-fn acquire_lease(me: u64, now: u64, ttl: u64) -> bool {
-    for _ in 0..CAS_RETRIES {
-        let (bytes, cas) = hostcalls::get_shared_data(LEASE_KEY).unwrap_or((None, None));
-        let lease = bytes
-            .and_then(|b| PollLease::decode(&b))
-            .unwrap_or_default();
-        let Some(next) = lease.acquire(me, now, ttl) else {
-            return false;
-        };
-        match hostcalls::set_shared_data(LEASE_KEY, Some(&next.encode()), cas) {
-            Ok(()) => return true,
-            Err(Status::CasMismatch) => continue,
-            Err(_) => return false,
-        }
-    }
-    false
-}
-
 pub fn on_root_call_response(root: &mut Root, token: u32) {
     if root.drain.poll == Some(token) {
         root.drain.poll = None;
@@ -366,55 +308,21 @@ pub fn on_root_call_response(root: &mut Root, token: u32) {
     }
 }
 
-/// Records a readiness answer in the shared lease record and acts on the verdict.
 fn readiness_result(root: &mut Root, d: &Drain, ready: bool) {
-    let Some(r) = &d.readiness else {
+    let cached = root.drain.cache.get();
+    let Some((verdict, change)) =
+        flow::on_readiness(d, STORE, root.drain.worker_id, ready, &cached, now_ms())
+    else {
         return;
     };
-    let mut verdict = ReadinessVerdict::Nothing;
-    for _ in 0..CAS_RETRIES {
-        let (bytes, cas) = hostcalls::get_shared_data(LEASE_KEY).unwrap_or((None, None));
-        let lease = bytes
-            .and_then(|b| PollLease::decode(&b))
-            .unwrap_or_default();
-        if lease.owner != root.drain.worker_id {
-            return; // another worker took over polling
-        }
-        let (next, v) = lease.record(ready, r.failure_threshold);
-        match hostcalls::set_shared_data(LEASE_KEY, Some(&next.encode()), cas) {
-            Ok(()) => {
-                verdict = v;
-                break;
-            }
-            Err(Status::CasMismatch) => continue,
-            Err(_) => return,
-        }
+    if let (ReadinessVerdict::Start, Some(r)) = (verdict, &d.readiness) {
+        warn!(
+            "handoff: readiness {}{} failed {} times in a row",
+            r.cluster, r.path, r.failure_threshold
+        );
     }
-    let now = now_ms();
-    let (state, changed, started) = match verdict {
-        ReadinessVerdict::Start => {
-            warn!(
-                "handoff: readiness {}{} failed {} times in a row",
-                r.cluster, r.path, r.failure_threshold
-            );
-            let (s, c) = transition(&|s| s.start(DrainSource::Readiness, now, d.grace_s));
-            (s, c, Some(DrainSource::Readiness))
-        }
-        ReadinessVerdict::Recovered => {
-            if root.drain.cache.get().source != Some(DrainSource::Readiness)
-                && read_state().0.source != Some(DrainSource::Readiness)
-            {
-                return;
-            }
-            let (s, c) = transition(&|s| s.cancel(CancelBy::ReadinessRecovered, now));
-            (s, c, None)
-        }
-        ReadinessVerdict::Nothing => return,
-    };
-    root.drain.cache.set(state);
-    if changed {
-        announce(&root.metrics, &state, started);
-        if let Some(t) = call_envoy_admin(d, started.is_some()) {
+    if apply(&root.drain.cache, &root.metrics, &change) {
+        if let Some(t) = call_envoy_admin(d, change.started.is_some()) {
             root.drain.admin_calls.push(t);
         }
     }
@@ -442,123 +350,100 @@ pub struct HttpDrain {
     sse: Option<Sse>,
     /// An admin `POST` whose body is being read (its `:path`).
     admin_body: Option<String>,
-}
-
-fn status_reply(d: &Drain) -> Reply {
-    let (state, _) = read_state();
-    let body = status_json(
-        state.phase(now_ms()),
-        state.since_ms,
-        read_inflight(d.tick_ms()),
-    );
-    Reply {
-        status: 200,
-        headers: vec![
-            ("content-type".to_string(), "application/json".to_string()),
-            ("cache-control".to_string(), "no-store".to_string()),
-        ],
-        body: body.into_bytes(),
-    }
+    /// The request asked for a WebSocket upgrade (only looked at with a websocket section).
+    websocket_requested: bool,
+    /// An upgraded WebSocket being followed.
+    websocket: Option<Connection>,
 }
 
 /// Runs first on every request. `Some(action)` when the drain answered the request itself.
 pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Option<Action> {
     let config = http.config.clone();
     let d = config.drain.as_ref()?;
-    if let Some(admin) = &d.admin {
-        let path = http.head.path().unwrap_or_default();
-        if is_admin_path(path, &admin.path) {
-            let path = path.to_string();
-            return Some(admin_request(http, d, &path, end_of_stream));
+    let cached = http.drain.cache.get();
+    // The clock is read only when the cached state is not serving.
+    let now = if cached.source.is_some() { now_ms() } else { 0 };
+    match flow::on_request(d, http.head.path(), &cached, STORE, now) {
+        RequestStep::Admin => {
+            let path = http.head.path().unwrap_or_default().to_string();
+            Some(admin_request(http, d, &path, end_of_stream))
+        }
+        RequestStep::Drained(reply) => {
+            http.metrics.drain_rejected();
+            http.send_reply(reply);
+            Some(Action::Pause)
+        }
+        RequestStep::Forward { refreshed } => {
+            if let Some(s) = refreshed {
+                http.drain.cache.set(s);
+            }
+            http.drain.cache.add_inflight(1);
+            http.drain.counted = true;
+            if d.websocket.is_some() {
+                http.drain.websocket_requested =
+                    flow::is_websocket_upgrade(request_bytes("upgrade").as_deref());
+            }
+            None
         }
     }
-    // Serving (the usual case) needs no clock.
-    let cached = http.drain.cache.get();
-    if cached.source.is_some() && cached.phase(now_ms()) == Phase::Drained {
-        http.metrics.drain_rejected();
-        let reply = Reply::problem(
-            503,
-            DRAINED_ANCHOR,
-            "Instance drained",
-            "This instance is shutting down and did not process the request; \
-             retry it on another instance.",
-        )
-        .with_header("retry-after", d.retry_after_s.to_string());
-        http.send_reply(reply);
-        return Some(Action::Pause);
-    }
-    http.drain.cache.add_inflight(1);
-    http.drain.counted = true;
-    None
 }
 
 fn admin_request(http: &mut Http, d: &Drain, path: &str, end_of_stream: bool) -> Action {
-    let token = d.admin.as_ref().and_then(|a| a.token_sha256.as_ref());
-    if let Err(peer) = admin_allowed(token) {
-        warn!(
-            "handoff[{}]: drain admin request refused from {peer}",
-            http.context_id
-        );
-        http.send_reply(Reply::problem(
-            403,
-            FORBIDDEN_ANCHOR,
-            "Drain admin refused",
-            "The drain admin path is open to loopback peers and to the configured bearer \
-                 token only.",
-        ));
-        return Action::Pause;
-    }
+    let Some(admin) = d.admin.as_ref() else {
+        return Action::Continue;
+    };
+    let caller = admin_caller();
+    let has_body = !end_of_stream && request_bytes("content-length").as_deref() != Some(b"0");
     let method = http.head.method().unwrap_or_default().to_string();
-    match admin_action(&method) {
-        AdminAction::Report => http.send_reply(status_reply(d)),
-        AdminAction::Cancel => {
-            let (state, changed) = transition(&|s| s.cancel(CancelBy::Admin, now_ms()));
-            http.drain.cache.set(state);
-            if changed {
-                announce(&http.metrics, &state, None);
-                if let Some(t) = call_envoy_admin(d, false) {
+    let req = AdminRequest {
+        method: &method,
+        path,
+        loopback: caller.loopback,
+        authorization: caller.authorization.as_deref(),
+        has_body,
+    };
+    let step = flow::admin_request(d, admin, &req, STORE, now_ms());
+    if matches!(step, AdminStep::Refused(_)) {
+        warn!(
+            "handoff[{}]: drain admin request refused from {}",
+            http.context_id,
+            caller.peer.as_deref().unwrap_or("an unknown peer")
+        );
+    }
+    perform_admin(http, d, path, step)
+}
+
+fn perform_admin(http: &mut Http, d: &Drain, path: &str, step: AdminStep) -> Action {
+    match step {
+        AdminStep::Reply(r) | AdminStep::Refused(r) => http.send_reply(r),
+        AdminStep::ReadBody => {
+            // Read `{"grace_s": N}` first; the hold filter after handoff keeps the headers
+            // from the app meanwhile.
+            http.drain.admin_body = Some(path.to_string());
+            http.set_http_request_header(super::HOLD_HEADER, Some("1"));
+            return Action::Continue;
+        }
+        AdminStep::Transition(c) => {
+            if apply(&http.drain.cache, &http.metrics, &c) {
+                if let Some(t) = call_envoy_admin(d, c.started.is_some()) {
                     http.drain.callout = Some((t, Resume::AdminReply));
                     return Action::Pause;
                 }
             }
-            http.send_reply(status_reply(d));
+            http.send_reply(flow::status_reply(d, STORE, now_ms()));
         }
-        AdminAction::Start => {
-            let has_body =
-                !end_of_stream && request_header("content-length").as_deref() != Some("0");
-            if has_body {
-                // Read `{"grace_s": N}` first; the hold filter after handoff keeps the headers
-                // from the app meanwhile.
-                http.drain.admin_body = Some(path.to_string());
-                http.set_http_request_header(super::HOLD_HEADER, Some("1"));
-                return Action::Continue;
-            }
-            match start_grace(path, None) {
-                Ok(grace) => return start_by_admin(http, d, grace),
-                Err(m) => http.send_reply(invalid_start(&m)),
-            }
-        }
-        AdminAction::NotAllowed => {
-            let mut r = Reply::problem(
-                405,
-                "drain-admin",
-                "Method not allowed",
-                "Use GET (state), POST (start a drain) or DELETE (cancel it).",
-            );
-            r = r.with_header("allow", "GET, POST, DELETE");
-            http.send_reply(r);
-        }
+        AdminStep::Status => http.send_reply(flow::status_reply(d, STORE, now_ms())),
     }
     Action::Pause
 }
 
-fn invalid_start(detail: &str) -> Reply {
-    Reply::problem(400, "drain-admin", "Invalid drain request", detail)
-}
-
-/// The body of an admin `POST` (`{"grace_s": N}`). `Some(action)` while the drain owns this
-/// request.
+/// The body of an admin `POST` (`{"grace_s": N}`), or a WebSocket's client frames. `Some`
+/// while the drain owns this request.
 pub fn on_request_body(http: &mut Http, body_size: usize, end_of_stream: bool) -> Option<Action> {
+    if http.drain.websocket.is_some() {
+        websocket_chunk(http, Direction::ToUpstream, body_size);
+        return None;
+    }
     let path = http.drain.admin_body.as_ref()?.clone();
     if !end_of_stream {
         return Some(Action::Pause);
@@ -567,28 +452,8 @@ pub fn on_request_body(http: &mut Http, body_size: usize, end_of_stream: bool) -
     let config = http.config.clone();
     let d = config.drain.as_ref()?;
     let body = http.get_http_request_body(0, body_size).unwrap_or_default();
-    Some(match start_grace(&path, Some(&body)) {
-        Ok(grace) => start_by_admin(http, d, grace),
-        Err(m) => {
-            http.send_reply(invalid_start(&m));
-            Action::Pause
-        }
-    })
-}
-
-fn start_by_admin(http: &mut Http, d: &Drain, grace_s: Option<u32>) -> Action {
-    let grace = grace_s.unwrap_or(d.grace_s);
-    let (state, changed) = transition(&|s| s.start(DrainSource::Admin, now_ms(), grace));
-    http.drain.cache.set(state);
-    if changed {
-        announce(&http.metrics, &state, Some(DrainSource::Admin));
-        if let Some(t) = call_envoy_admin(d, true) {
-            http.drain.callout = Some((t, Resume::AdminReply));
-            return Action::Pause;
-        }
-    }
-    http.send_reply(status_reply(d));
-    Action::Pause
+    let step = flow::admin_body(d, STORE, &path, &body, now_ms());
+    Some(perform_admin(http, d, &path, step))
 }
 
 pub fn on_response_headers(http: &mut Http) -> Action {
@@ -599,35 +464,41 @@ pub fn on_response_headers(http: &mut Http) -> Action {
     let Some(d) = config.drain.as_ref() else {
         return Action::Continue;
     };
-    let mut state = http.drain.cache.get();
+    let cached = http.drain.cache.get();
+    let signal = d.upstream_signal.as_deref().is_some_and(|h| {
+        cached.source.is_none() && header_present(MapType::HttpResponseHeaders, h)
+    });
+    let content_type = response_bytes("content-type");
+    let status = if http.drain.websocket_requested {
+        response_bytes(":status")
+    } else {
+        None
+    };
+    let head = ResponseHead {
+        signal,
+        content_type: content_type.as_deref(),
+        status: status.as_deref(),
+        websocket_requested: http.drain.websocket_requested,
+    };
+    let now = if signal { now_ms() } else { 0 };
+    let plan = flow::on_response(d, &cached, &head, STORE, now);
     let mut action = Action::Continue;
-    if let Some(h) = &d.upstream_signal {
-        if state.source.is_none() && header_present(MapType::HttpResponseHeaders, h) {
-            let now = now_ms();
-            let (s, changed) =
-                transition(&|s| s.start(DrainSource::UpstreamSignal, now, d.grace_s));
-            http.drain.cache.set(s);
-            state = s;
-            if changed {
-                announce(&http.metrics, &s, Some(DrainSource::UpstreamSignal));
-                if let Some(t) = call_envoy_admin(d, true) {
-                    // Hold this response until Envoy's admin answered, so the call outlives
-                    // no stream.
-                    http.drain.callout = Some((t, Resume::Response));
-                    action = Action::Pause;
-                }
+    if let Some(c) = plan.signalled {
+        if apply(&http.drain.cache, &http.metrics, &c) {
+            if let Some(t) = call_envoy_admin(d, true) {
+                // Hold this response until Envoy's admin answered, so the call outlives no
+                // stream.
+                http.drain.callout = Some((t, Resume::Response));
+                action = Action::Pause;
             }
         }
     }
-    // Any drain phase but serving (no clock needed to tell).
-    if state.source.is_some() {
+    if plan.hint {
         let n = hint_ms(d.reconnect_jitter_ms, random_u32());
         http.set_http_response_header(HINT_HEADER, Some(&n.to_string()));
         http.metrics.drain_hinted();
     }
-    let is_sse = response_header("content-type")
-        .is_some_and(|c| c.trim_start().starts_with("text/event-stream"));
-    if is_sse {
+    if plan.sse {
         // An injected event changes the length.
         http.set_http_response_header("content-length", None);
         http.drain.sse = Some(Sse {
@@ -635,12 +506,21 @@ pub fn on_response_headers(http: &mut Http) -> Action {
             injected: false,
         });
     }
+    if plan.websocket {
+        http.drain.websocket = Some(Connection::default());
+        http.drain.cache.add_unclosed(1);
+        http.metrics.websockets_open(1);
+    }
     action
 }
 
 /// Event streams: follows event boundaries, and injects one `reconnect` event at the first
-/// chunk seen while draining.
+/// chunk seen while draining. WebSockets: the server's frames.
 pub fn on_response_body(http: &mut Http, body_size: usize) {
+    if http.drain.websocket.is_some() {
+        websocket_chunk(http, Direction::ToClient, body_size);
+        return;
+    }
     let Some(sse) = http.drain.sse.as_ref() else {
         return;
     };
@@ -669,6 +549,59 @@ pub fn on_response_body(http: &mut Http, body_size: usize) {
     }
 }
 
+/// One chunk of an upgraded WebSocket's frames (either direction): followed, and edited while
+/// draining (the migration message, a Close).
+fn websocket_chunk(http: &mut Http, dir: Direction, body_size: usize) {
+    let config = http.config.clone();
+    let Some((d, ws)) = config
+        .drain
+        .as_ref()
+        .and_then(|d| d.websocket.as_ref().map(|w| (d, w)))
+    else {
+        return;
+    };
+    let buffer = match dir {
+        Direction::ToClient => BufferType::HttpResponseBody,
+        Direction::ToUpstream => BufferType::HttpRequestBody,
+    };
+    let chunk = hostcalls::get_buffer(buffer, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let state = http.drain.cache.get();
+    let moment = Moment {
+        state: &state,
+        now_ms: if state.source.is_some() { now_ms() } else { 0 },
+        jitter_ms: d.reconnect_jitter_ms,
+        config: ws,
+    };
+    let Some(conn) = http.drain.websocket.as_mut() else {
+        return;
+    };
+    let was_closing = conn.closing();
+    let edit = conn.on_chunk(dir, &chunk, &moment, &mut random_u32, &mut mask_key);
+    let now_closing = conn.closing();
+    if let Some(new) = edit.replace {
+        let _ = hostcalls::set_buffer(buffer, 0, body_size, &new);
+    }
+    if edit.malformed {
+        warn!(
+            "handoff[{}]: WebSocket frames not understood: passed through untouched",
+            http.context_id
+        );
+        http.metrics.websocket_malformed();
+    }
+    if edit.migrated {
+        http.metrics.websocket_migrated();
+    }
+    if edit.closed && dir == Direction::ToClient {
+        http.metrics.websocket_closed();
+    }
+    if now_closing && !was_closing {
+        http.drain.cache.add_unclosed(-1);
+    }
+}
+
 pub fn on_http_call_response(http: &mut Http, token: u32) {
     let Some((t, resume)) = http.drain.callout.take() else {
         return;
@@ -682,7 +615,7 @@ pub fn on_http_call_response(http: &mut Http, token: u32) {
         Resume::AdminReply => {
             let config = http.config.clone();
             if let Some(d) = config.drain.as_ref() {
-                http.send_reply(status_reply(d));
+                http.send_reply(flow::status_reply(d, STORE, now_ms()));
             }
         }
         Resume::Response => http.resume_http_response(),
@@ -693,5 +626,11 @@ pub fn on_http_call_response(http: &mut Http, token: u32) {
 pub fn on_end(http: &mut Http) {
     if std::mem::take(&mut http.drain.counted) {
         http.drain.cache.add_inflight(-1);
+    }
+    if let Some(conn) = http.drain.websocket.take() {
+        http.metrics.websockets_open(-1);
+        if !conn.closing() {
+            http.drain.cache.add_unclosed(-1);
+        }
     }
 }

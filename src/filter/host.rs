@@ -128,10 +128,17 @@ impl Head {
     }
 }
 
-/// Whether an admin request may pass: a loopback request (see
-/// [`crate::drain::is_loopback_request`]) or the bearer token whose SHA-256 is `token_sha256`.
-/// `Err` names the refused peer, for the log line.
-pub fn admin_allowed(token_sha256: Option<&[u8; 32]>) -> Result<(), String> {
+/// Who calls an admin path, as the host tells it.
+pub struct AdminCaller {
+    /// From this host (see [`crate::drain::is_loopback_request`]).
+    pub loopback: bool,
+    /// The `authorization` header (absent when missing or not UTF-8).
+    pub authorization: Option<String>,
+    /// The peer address, for a log line.
+    pub peer: Option<String>,
+}
+
+pub fn admin_caller() -> AdminCaller {
     let address = |side: &str| {
         hostcalls::get_property(vec![side, "address"])
             .ok()
@@ -144,9 +151,19 @@ pub fn admin_allowed(token_sha256: Option<&[u8; 32]>) -> Result<(), String> {
         address("destination").as_deref(),
         header_present(MapType::HttpRequestHeaders, "x-forwarded-for"),
     );
-    let authorization = request_header("authorization");
-    match crate::drain::authorize(loopback, authorization.as_deref(), token_sha256) {
-        crate::drain::AdminAuth::Denied => Err(peer.unwrap_or_else(|| "an unknown peer".into())),
+    AdminCaller {
+        loopback,
+        authorization: request_header("authorization"),
+        peer,
+    }
+}
+
+/// Whether an admin request may pass: a loopback request or the bearer token whose SHA-256 is
+/// `token_sha256`. `Err` names the refused peer, for the log line.
+pub fn admin_allowed(token_sha256: Option<&[u8; 32]>) -> Result<(), String> {
+    let c = admin_caller();
+    match crate::drain::authorize(c.loopback, c.authorization.as_deref(), token_sha256) {
+        crate::drain::AdminAuth::Denied => Err(c.peer.unwrap_or_else(|| "an unknown peer".into())),
         _ => Ok(()),
     }
 }

@@ -26,6 +26,11 @@ pub struct Metrics {
     drain_hinted: u32,
     drain_rejected: u32,
     drain_inflight: u32,
+    websockets_open: u32,
+    websocket_migrations: u32,
+    websocket_closes: u32,
+    websocket_idle: u32,
+    websocket_malformed: u32,
     /// Per variant (stable, canary).
     guard_requests: [u32; 2],
     guard_errors: [u32; 2],
@@ -87,6 +92,11 @@ impl Metrics {
             drain_hinted: counter("handoff_drain_hinted"),
             drain_rejected: counter("handoff_drain_rejected"),
             drain_inflight: gauge("handoff_drain_inflight"),
+            websockets_open: gauge("handoff_drain_websockets_open"),
+            websocket_migrations: counter("handoff_drain_websocket_migrations"),
+            websocket_closes: counter("handoff_drain_websocket_closes"),
+            websocket_idle: counter("handoff_drain_websocket_idle_at_grace_end"),
+            websocket_malformed: counter("handoff_drain_websocket_malformed"),
             guard_requests: per_variant(MetricType::Counter, "handoff_canary_guard_requests"),
             guard_errors: per_variant(MetricType::Counter, "handoff_canary_guard_errors"),
             guard_latency: per_variant(MetricType::Histogram, "handoff_canary_guard_latency_ms"),
@@ -167,6 +177,32 @@ impl Metrics {
 
     pub fn drain_inflight(&self, n: u64) {
         let _ = hostcalls::record_metric(self.drain_inflight, n);
+    }
+
+    /// Upgraded WebSockets open now (+1 on the 101, -1 at the stream's end).
+    pub fn websockets_open(&self, delta: i64) {
+        let _ = hostcalls::increment_metric(self.websockets_open, delta);
+    }
+
+    pub fn websocket_migrated(&self) {
+        inc(self.websocket_migrations);
+    }
+
+    /// A Close sent to a client.
+    pub fn websocket_closed(&self) {
+        inc(self.websocket_closes);
+    }
+
+    /// WebSockets still open and not closed by handoff when the grace ended: no frame came in
+    /// either direction that handoff could close them at.
+    pub fn websocket_idle_at_grace_end(&self, n: u64) {
+        if n > 0 {
+            let _ = hostcalls::increment_metric(self.websocket_idle, n as i64);
+        }
+    }
+
+    pub fn websocket_malformed(&self) {
+        inc(self.websocket_malformed);
     }
 
     /// 0 active, 1 aborted.
