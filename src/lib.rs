@@ -4,10 +4,12 @@
 //! talks to the proxy-wasm host.
 
 pub mod canary;
+pub mod cohort;
 pub mod config;
 pub mod drain;
 pub mod guard;
 pub mod idempotency;
+pub mod json;
 pub mod problem;
 pub mod shared;
 pub mod source;
