@@ -14,30 +14,7 @@ use crate::source::{cookie_value, RequestView, Source};
 
 pub const BUCKETS: u32 = 10_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Variant {
-    Stable,
-    Canary,
-}
-
-impl Variant {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Variant::Stable => "stable",
-            Variant::Canary => "canary",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Variant> {
-        match s {
-            "stable" => Some(Variant::Stable),
-            "canary" => Some(Variant::Canary),
-            _ => None,
-        }
-    }
-
-    pub const ALL: [Variant; 2] = [Variant::Stable, Variant::Canary];
-}
+pub use crate::cohort::Variant;
 
 /// Why a user got its variant; each is a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -27,7 +27,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::canary::Variant;
+use crate::cohort::Variant;
 
 pub const DEFAULT_ADMIN_PATH: &str = "/.well-known/handoff/canary";
 pub const FORBIDDEN_ANCHOR: &str = "canary-guard-admin-forbidden";

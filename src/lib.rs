@@ -4,11 +4,13 @@
 //! talks to the proxy-wasm host.
 
 pub mod canary;
+pub mod cohort;
 pub mod config;
 pub mod drain;
 pub mod etcd;
 pub mod guard;
 pub mod idempotency;
+pub mod json;
 pub mod problem;
 pub mod shared;
 pub mod source;

@@ -10,7 +10,6 @@ pub mod drain;
 mod error;
 pub mod idempotency;
 mod source;
-pub(crate) mod strict;
 pub mod translate;
 mod walk;
 
@@ -95,7 +94,7 @@ impl RawConfig {
             return Ok(RawConfig::default());
         }
         // The JSON syntax first (its errors say the line and column), then the shape.
-        let value = strict::parse(bytes)?;
+        let value = crate::json::parse(bytes).map_err(|e| ConfigError::new(e.path, e.message))?;
         RawConfig::from_json(&value).map_err(|e| match e.path.is_empty() {
             true => ConfigError::new(".", e.message),
             false => e,

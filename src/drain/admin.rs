@@ -142,7 +142,7 @@ pub fn start_grace(request_path: &str, body: Option<&[u8]>) -> Result<Option<u32
 /// `{"grace_s": N}` (or `{}`) read through a `Value`, not a derived `Deserialize`: a typed
 /// serde_json deserializer would bring core's float formatting (kilobytes) into the wasm.
 fn grace_in_body(body: &[u8]) -> Result<Option<String>, String> {
-    let value = crate::config::strict::value(body)?;
+    let value = crate::json::value(body)?;
     let Some(fields) = value.as_object() else {
         return Err("expected a JSON object such as {\"grace_s\": 30}".to_string());
     };

@@ -10,10 +10,15 @@ use std::fmt;
 use serde::de::{DeserializeSeed, Deserializer, Error, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-use super::error::ConfigError;
+/// Where the text is wrong: the JSON path (`.` for the text as a whole) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonError {
+    pub path: String,
+    pub message: String,
+}
 
-/// Parses `bytes`; a duplicate key is a [`ConfigError`] at that key's path.
-pub(super) fn parse(bytes: &[u8]) -> Result<Value, ConfigError> {
+/// Parses `bytes`; a duplicate key is an error at that key's path.
+pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
     let duplicate = RefCell::new(None);
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let parsed = Strict {
@@ -23,18 +28,21 @@ pub(super) fn parse(bytes: &[u8]) -> Result<Value, ConfigError> {
     .deserialize(&mut de)
     .and_then(|v| de.end().map(|()| v));
     match (parsed, duplicate.into_inner()) {
-        (_, Some((path, key))) => Err(ConfigError::new(
+        (_, Some((path, key))) => Err(JsonError {
             path,
-            format!("duplicate field `{key}` (a key may appear once per object)"),
-        )),
+            message: format!("duplicate field `{key}` (a key may appear once per object)"),
+        }),
         (Ok(v), None) => Ok(v),
-        (Err(e), None) => Err(ConfigError::new(".", e.to_string())),
+        (Err(e), None) => Err(JsonError {
+            path: ".".to_string(),
+            message: e.to_string(),
+        }),
     }
 }
 
 /// Any JSON text the filter reads as a [`Value`] (the drain admin body): one parser in the
 /// wasm, not serde_json's `Value` deserializer beside this one.
-pub(crate) fn value(bytes: &[u8]) -> Result<Value, String> {
+pub fn value(bytes: &[u8]) -> Result<Value, String> {
     parse(bytes).map_err(|e| match e.path.as_str() {
         "." => e.message,
         path => format!("{path}: {}", e.message),
