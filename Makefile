@@ -28,7 +28,7 @@ export ENVOY_BIN := $(abspath $(ENVOY))
 .PHONY: help setup rust-targets envoy apt-tools wasm-bindgen build test lint unit validate \
         wasm-test docs-test e2e ws-peers run clean image istio-sync istio-test image-test \
         bench bench-quick bench-profile bench-deps bench-noop \
-        tools deny fuzz fuzz-smoke rollout rollout-small
+        tools deny fuzz fuzz-smoke rollout rollout-small drain-clients drain-clients-deps
 
 help:
 	@echo "make run    build and start the demo (Envoy on 127.0.0.1:10000), Ctrl-C stops it"
@@ -40,6 +40,7 @@ help:
 	@echo "make bench  cost per request against the peers -> bench/results.md (bench-quick: a smoke run)"
 	@echo "make fuzz   every fuzz target for FUZZ_SECONDS (default 60) each"
 	@echo "make rollout  the full rollout scenario under load; writes bench/rollout.md"
+	@echo "make drain-clients  the drain through real client libraries -> docs/drain-clients.md"
 
 setup: rust-targets envoy ws-peers apt-tools wasm-bindgen
 
@@ -103,6 +104,8 @@ validate: build bench-noop
 	    && echo "valid: $$f" || { cat validate.log; echo "INVALID: $$f"; exit 1; }; done; rm -f validate.log
 	@# bench fixtures: a config needing a handoff section this wasm lacks is reported as skipped
 	python3 bench/bench.py validate
+	@$(ENVOY) --mode validate -c bench/drain-clients/mesh-client.yaml -l error >/dev/null \
+	  && echo "valid: bench/drain-clients/mesh-client.yaml"
 
 # The OCI image of the wasm in the layout Istio pulls for oci:// URLs, written by handoffctl (no
 # container engine), and copies of istio/ with every sha256 pinned to this build. Push it with
@@ -258,6 +261,36 @@ rollout-small: build
 	cargo build --quiet --example payments
 	cargo test --test rollout
 
+# --- Drain through real client libraries ----------------------------------------------------
+# Never part of `make test` (about 10 minutes). Each client is installed in its ordinary form:
+# httpx and requests from PyPI into bench/drain-clients/.venv, reqwest from crates.io (its own
+# crate and target dir), Node's built-in fetch and node:http2, Go's net/http and x/net/http2
+# from Debian (golang-go, golang-golang-x-net-dev), curl and nghttp from Debian. Writes
+# bench/drain-clients/results.{json,md} and the table in docs/drain-clients.md.
+DC          := bench/drain-clients
+DC_PY       := $(DC)/.venv/bin/python
+DC_APT      := go:golang-go node:nodejs nghttp:nghttp2-client curl:curl
+DC_XNET     := /usr/share/gocode/src/golang.org/x/net/http2
+
+drain-clients-deps: rust-targets envoy apt-tools build
+	cargo build --quiet --release --example payments
+	@missing=""; for pair in $(DC_APT); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	[ -d $(DC_XNET) ] || missing="$$missing golang-golang-x-net-dev"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@[ -x $(DC_PY) ] || python3 -m venv $(DC)/.venv
+	$(DC_PY) -m pip install --quiet --disable-pip-version-check -r $(DC)/requirements.txt
+	cargo build --quiet --release --manifest-path $(DC)/rust/Cargo.toml --target-dir $(DC)/rust/target
+	cd $(DC)/go && GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$(abspath $(DC))/go/.cache \
+	  go build -o drain-client .
+
+drain-clients: drain-clients-deps
+	$(DC_PY) $(DC)/run.py run $(DRAIN_CLIENTS_ARGS)
+
 clean:
 	cargo clean
-	rm -rf bench/noop/target bench/out
+	rm -rf bench/noop/target bench/out $(DC)/rust/target $(DC)/go/drain-client $(DC)/go/.cache

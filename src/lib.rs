@@ -7,6 +7,7 @@ pub mod canary;
 pub mod cohort;
 pub mod config;
 pub mod drain;
+pub mod etcd;
 pub mod guard;
 pub mod idempotency;
 pub mod json;

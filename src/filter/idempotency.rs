@@ -1,7 +1,9 @@
 //! Idempotency glue: hold a covered request until its body is complete, ask the store
-//! (synchronously for `local`, through etcd callouts for `etcd`), then forward it with the lock
-//! held or answer it (replay, 409, 422, 400, 503); capture the upstream's own response and
-//! store it when the stream ends, or release the lock on 5xx / reset.
+//! (synchronously for `local`, through the etcd lock flow's callouts for `etcd`), then forward
+//! it with the lock held or answer it (replay, 409, 422, 400, 503); capture the upstream's own
+//! response and store it when the stream ends, or release the lock on 5xx / reset. An etcd
+//! completion or release that fails is queued (`crate::idempotency::outbox`) and retried from
+//! the root context's tick.
 //!
 //! Integration points for other capabilities (translation):
 //! - [`forwarded_request_body`] / [`forwarded_request_path`]: the fingerprint is taken on the
@@ -15,49 +17,49 @@
 //! - [`replay`]: every replay goes through it; translate the stored response for the client
 //!   there.
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use std::cell::{Cell, RefCell};
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::host::{random_bytes, HostRequest};
-use super::Http;
+use super::metrics::Metrics;
+use super::shared::HostShared;
+use super::{Http, Root};
 use crate::config::Config;
-use crate::idempotency::etcd::{self, TxnResult};
-use crate::idempotency::local::{Begin, LocalLock, LocalStore, Slots};
-use crate::idempotency::machine::{completed_record, decide, lock_record, stores_status, Decision};
-use crate::idempotency::record::{decode_full, encode_full, Meta, StoredResponse};
+use crate::etcd::{Answer, Request};
+use crate::idempotency::capture::Capture;
+use crate::idempotency::etcd::{
+    self as etcd_store, settle, EtcdLock, LeaseCache, LockFlow, Next, Settings, Settled, Write,
+};
+use crate::idempotency::local::{Begin, LocalLock, LocalStore};
+use crate::idempotency::machine::{verdict, Decision, Verdict};
+use crate::idempotency::outbox::{self, Answered, Entry, Gone, Limits, Outbox};
+use crate::idempotency::record::StoredResponse;
 use crate::idempotency::{
-    fingerprint, problem, replay_reply, stored_header, Idempotency, KeyCheck, OnError, Outcome,
-    Store, WhenFull,
+    fingerprint, problem, replay_reply, Idempotency, KeyCheck, Outcome, Store, WhenFull,
 };
 use crate::problem::Reply;
 
-/// Takeover / lock transactions retried after a lost race before answering 409.
-const ETCD_ATTEMPTS: u8 = 3;
-
-/// Largest response body held until its record is stored: Envoy's default per-connection
-/// buffer limit (a held body beyond the connection's limit would reset the stream).
-const HOLD_LIMIT: usize = 1024 * 1024;
-
-/// How long a worker reuses one etcd lease for the records it writes. Leases are not granted
-/// per request (etcd keeps every lease in memory until it expires): a worker holds at most
-/// `ttl_s / LEASE_REUSE_S + 1` leases, and a record lives between `ttl_s` and
-/// `ttl_s + LEASE_REUSE_S` seconds.
-const LEASE_REUSE_S: u64 = 60;
+/// The retry tick when no other capability sets one (the drain's tick is used when it does).
+const RETRY_TICK_MS: u64 = 100;
+/// Extra time after `timeout_ms` before a queued write's unanswered callout is sent again.
+const ANSWER_SLACK_MS: u64 = 1000;
 
 std::thread_local! {
-    /// This worker's current lease: (id, granted at ms).
-    static LEASE: std::cell::Cell<Option<(i64, u64)>> = const { std::cell::Cell::new(None) };
+    /// This worker's current etcd lease.
+    static LEASE: Cell<LeaseCache> = const { Cell::new(LeaseCache::EMPTY) };
+    /// This worker's queued etcd writes. A thread local of the VM, not of a root context: it
+    /// survives a configuration update (Envoy keeps the VM when only the plugin configuration
+    /// changes), and the new root context retries what the old one queued.
+    static OUTBOX: RefCell<Outbox> = const { RefCell::new(Outbox::EMPTY) };
 }
 
-/// The cached lease if it is still fresh enough to carry a record for `ttl_s`.
-fn cached_lease(now: u64) -> Option<i64> {
-    LEASE
-        .get()
-        .filter(|(_, at)| now.saturating_sub(*at) < LEASE_REUSE_S * 1000)
-        .map(|(id, _)| id)
+/// Runs `f` on this worker's queue (one instantiation of the thread-local access).
+fn with_outbox(f: &mut dyn FnMut(&mut Outbox)) {
+    OUTBOX.with(|q| f(&mut q.borrow_mut()));
 }
 
 /// Per-request state.
@@ -77,78 +79,35 @@ pub struct Pending {
 enum Phase {
     /// Buffering the request body.
     Body,
-    /// Waiting for etcd (the request or the response is paused).
-    Etcd { token: u32, step: EtcdStep },
+    /// The lock flow waits for etcd (the request is paused).
+    Locking { token: u32, flow: LockFlow },
+    /// A completion (the response is held) or a release waits for etcd.
+    Writing { token: u32, write: PendingWrite },
     /// Forwarded (or answered); nothing pending.
     Done,
 }
 
-#[derive(Clone, Copy)]
-enum EtcdStep {
-    Lease,
-    Lock { lease: i64, attempt: u8 },
-    Complete,
-    Release,
+/// A completion or release that has left: enough to settle or queue it.
+struct PendingWrite {
+    write: Write,
+    owner: u64,
+    request: Request,
+    deadline_ms: u64,
 }
 
-enum Lock {
-    Local(LocalLock),
-    Etcd {
-        key: String,
-        revision: i64,
-        lease: i64,
-        meta: Meta,
-    },
-}
-
-struct Capture {
-    response: StoredResponse,
-    oversized: bool,
-    /// The response has a `content-length` (within `max_response_bytes`): its body is held
-    /// until the record is stored. A client that counts bytes is done when the last byte
-    /// arrives, before the end of the stream: releasing the body early would let its retry
-    /// arrive while the key is still locked (a 409 instead of the replay).
-    hold: bool,
-    /// Bytes at the start of Envoy's response buffer that are already captured (the buffer
-    /// grows while the body is held).
-    held: usize,
-}
-
-/// Shared data over the host: one meta entry and one response entry per slot. The table size
-/// is part of the names, so a resized table never reads the old one's records.
-pub struct HostSlots {
-    prefix: String,
-}
-
-impl HostSlots {
-    pub fn new(max_entries: u32) -> HostSlots {
-        HostSlots {
-            prefix: format!("handoff.idem.{max_entries}."),
+impl PendingWrite {
+    fn entry(self, now: u64, tried: bool) -> Entry {
+        if tried {
+            Entry::failed_once(self.write, self.owner, self.request, self.deadline_ms, now)
+        } else {
+            Entry::unsent(self.write, self.owner, self.request, self.deadline_ms, now)
         }
     }
 }
 
-impl Slots for HostSlots {
-    fn get_meta(&self, slot: u32) -> (Option<Vec<u8>>, Option<u32>) {
-        hostcalls::get_shared_data(&format!("{}m{slot}", self.prefix)).unwrap_or((None, None))
-    }
-    fn set_meta(&self, slot: u32, value: &[u8], cas: Option<u32>) -> bool {
-        hostcalls::set_shared_data(&format!("{}m{slot}", self.prefix), Some(value), cas).is_ok()
-    }
-    fn get_response(&self, slot: u32) -> Option<Vec<u8>> {
-        hostcalls::get_shared_data(&format!("{}r{slot}", self.prefix))
-            .ok()
-            .and_then(|(v, _)| v)
-    }
-    fn set_response(&self, slot: u32, value: &[u8]) {
-        let _ = hostcalls::set_shared_data(&format!("{}r{slot}", self.prefix), Some(value), None);
-    }
-    fn get_guard(&self) -> (Option<Vec<u8>>, Option<u32>) {
-        hostcalls::get_shared_data(&format!("{}guard", self.prefix)).unwrap_or((None, None))
-    }
-    fn set_guard(&self, value: &[u8], cas: Option<u32>) -> bool {
-        hostcalls::set_shared_data(&format!("{}guard", self.prefix), Some(value), cas).is_ok()
-    }
+enum Lock {
+    Local(LocalLock),
+    Etcd(EtcdLock),
 }
 
 fn now_ms() -> u64 {
@@ -159,8 +118,98 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Creates the local store's creation guard (once per table); slots are created on first use.
-pub fn on_configure(config: &Config) {
+/// The etcd store's settings and where to reach it.
+struct EtcdStore<'a> {
+    settings: Settings<'a>,
+    cluster: &'a str,
+    authority: &'a str,
+    timeout_ms: u64,
+}
+
+fn etcd_store(idem: &Idempotency) -> Option<EtcdStore<'_>> {
+    match &idem.store {
+        Store::Etcd {
+            cluster,
+            authority,
+            prefix,
+            timeout_ms,
+            on_error,
+            ..
+        } => Some(EtcdStore {
+            settings: Settings {
+                prefix,
+                ttl_s: idem.ttl_s,
+                lock_timeout_ms: idem.lock_timeout_s * 1000,
+                on_error: *on_error,
+            },
+            cluster,
+            authority,
+            timeout_ms: *timeout_ms,
+        }),
+        Store::Local { .. } => None,
+    }
+}
+
+/// Which store queued writes belong to: they are only retried against the same one.
+fn store_tag(config: &Config) -> String {
+    config
+        .idempotency
+        .as_ref()
+        .and_then(|i| match &i.store {
+            Store::Etcd {
+                cluster,
+                authority,
+                prefix,
+                ..
+            } => Some(format!("{cluster}|{authority}|{prefix}")),
+            Store::Local { .. } => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Sends one etcd request from `ctx` (its answer comes back to that context).
+fn dispatch(ctx: &dyn Context, store: &EtcdStore, r: &Request) -> Option<u32> {
+    let sent = ctx.dispatch_http_call(
+        store.cluster,
+        vec![
+            (":method", "POST"),
+            (":path", r.path),
+            (":authority", store.authority),
+            ("content-type", "application/json"),
+        ],
+        Some(&r.body),
+        vec![],
+        Duration::from_millis(store.timeout_ms),
+    );
+    match sent {
+        Ok(token) => Some(token),
+        Err(e) => {
+            warn!(
+                "handoff: idempotency: cannot call etcd cluster {:?}: {e:?}",
+                store.cluster
+            );
+            None
+        }
+    }
+}
+
+/// The answer to a callout: no headers means it failed or timed out.
+fn read_answer(ctx: &dyn Context, num_headers: usize, body_size: usize) -> (Option<u16>, Vec<u8>) {
+    if num_headers == 0 {
+        return (None, Vec::new());
+    }
+    let status = ctx
+        .get_http_call_response_header(":status")
+        .and_then(|s| s.parse().ok());
+    let body = ctx
+        .get_http_call_response_body(0, body_size)
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// After a configuration is accepted: creates the local store's creation guard (once per
+/// table), and keeps or drops the queued etcd writes.
+pub fn on_configure(config: &Config, metrics: &Metrics) {
     if let Some(Idempotency {
         store: Store::Local { max_entries, .. },
         ..
@@ -169,12 +218,144 @@ pub fn on_configure(config: &Config) {
         let store = LocalStore {
             max_entries: *max_entries,
         };
-        if store.prepare(&HostSlots::new(*max_entries)) {
-            log::info!(
-                "handoff: idempotency local store: {max_entries} slots, created on first use"
-            );
+        if store.prepare(&HostShared) {
+            info!("handoff: idempotency local store: {max_entries} slots, created on first use");
         }
     }
+    let tag = store_tag(config);
+    let limits = Limits::for_store(
+        config
+            .idempotency
+            .as_ref()
+            .map_or(0, |i| i.max_response_bytes()),
+    );
+    let mut dropped = Vec::new();
+    with_outbox(&mut |q| dropped = q.configure(limits, &tag));
+    for e in &dropped {
+        report(metrics, "dropped", e, &"the etcd store changed");
+    }
+    if !tag.is_empty() && config.drain.is_none() {
+        let _ = hostcalls::set_tick_period(Duration::from_millis(RETRY_TICK_MS));
+    }
+}
+
+/// The root context's tick: retry what is due.
+pub fn on_tick(root: &Root) {
+    let config = root.config.clone();
+    if let Some(store) = config.idempotency.as_ref().and_then(etcd_store) {
+        flush(root, &store, &root.metrics);
+    }
+}
+
+/// Sends the queued writes that are due (from the root context, which gets the answers),
+/// after giving up on those past their deadline.
+fn flush(root: &Root, store: &EtcdStore, metrics: &Metrics) {
+    let now = now_ms();
+    with_outbox(&mut |q| {
+        for e in q.expire(now, store.timeout_ms + ANSWER_SLACK_MS) {
+            report(
+                metrics,
+                "expired",
+                &e,
+                &"given up shortly before its lock expires (the key stays locked until \
+                  lock_timeout_s, then a retry executes again)",
+            );
+        }
+        for (i, request) in q.due(now) {
+            let token = dispatch(root, store, &request);
+            q.sent(i, token, now);
+        }
+        metrics.idempotency_retry_pending(q.len());
+    });
+}
+
+/// Queues a write etcd did not take; counts and logs a drop when the queue is full.
+fn enqueue(metrics: &Metrics, e: Entry) {
+    let failed = e.tries > 0;
+    let mut e = Some(e);
+    let mut refused = None;
+    with_outbox(&mut |q| {
+        if let Some(e) = e.take() {
+            refused = q.push(e).err();
+            metrics.idempotency_retry_pending(q.len());
+        }
+    });
+    match refused {
+        Some(e) => report(
+            metrics,
+            "dropped",
+            &e,
+            &"retry queue full (the key stays locked until lock_timeout_s)",
+        ),
+        None if failed => metrics.idempotency_retry("retried"),
+        None => {}
+    }
+}
+
+/// Counts `outcome` for a queued write and logs it (`stored` at info, the rest at warn).
+fn report(metrics: &Metrics, outcome: &'static str, e: &Entry, detail: &dyn std::fmt::Display) {
+    metrics.idempotency_retry(outcome);
+    let level = if outcome == "stored" {
+        log::Level::Info
+    } else {
+        log::Level::Warn
+    };
+    log::log!(
+        level,
+        "handoff: idempotency: {} of lock owner {:x} after {} attempts: {outcome}: {detail}",
+        e.write.as_str(),
+        e.owner,
+        e.tries
+    );
+}
+
+/// A callout answer that may be one of the queue's.
+fn queued_answer(root: &Root, metrics: &Metrics, token: u32, num_headers: usize, body_size: usize) {
+    let mut ours = false;
+    with_outbox(&mut |q| ours = q.carries(token));
+    if !ours {
+        return;
+    }
+    let (status, body) = read_answer(root, num_headers, body_size);
+    let answer = Answer {
+        status,
+        body: &body,
+    };
+    let now = now_ms();
+    let mut gone = None;
+    with_outbox(&mut |q| {
+        gone = q.answered(token, &answer, now);
+        metrics.idempotency_retry_pending(q.len());
+    });
+    match gone {
+        Some(Answered::Retrying {
+            error,
+            first: true,
+            unsent,
+        }) => {
+            if unsent {
+                metrics.idempotency_retry("retried");
+            }
+            warn!(
+                "handoff: idempotency: etcd did not take a queued completion/release ({error}); \
+                 retrying with backoff until timeout_ms + lock_timeout_s/4 before its lock \
+                 expires"
+            );
+        }
+        Some(Answered::Gone(Gone::Settled(e, settled))) => match settled {
+            // A write queued only to be confirmed (its request ended before etcd's answer).
+            Settled::Done if e.tries == 0 => {}
+            Settled::Done => report(metrics, "stored", &e, &"etcd took it"),
+            Settled::Lost => report(metrics, "lost", &e, &"the lock was taken over; not stored"),
+            Settled::Failed(err) | Settled::Retry(err) => report(metrics, "failed", &e, &err),
+        },
+        _ => {}
+    }
+}
+
+/// An answer to a callout the root context sent (queued writes).
+pub fn on_root_call_response(root: &Root, token: u32, num_headers: usize, body_size: usize) {
+    queued_answer(root, &root.metrics, token, num_headers, body_size);
 }
 
 /// What to do with the paused request.
@@ -236,10 +417,7 @@ pub fn holds_request_body(http: &Http) -> bool {
 }
 
 pub fn on_request_body(http: &mut Http, body_size: usize, end_of_stream: bool) -> Action {
-    if !matches!(
-        http.idempotency.as_ref().map(|p| &p.phase),
-        Some(Phase::Body)
-    ) {
+    if !holds_request_body(http) {
         return Action::Continue;
     }
     if !end_of_stream {
@@ -255,10 +433,7 @@ pub fn on_request_body(http: &mut Http, body_size: usize, end_of_stream: bool) -
 
 /// Trailers end the request stream when present.
 pub fn on_request_trailers(http: &mut Http) -> Action {
-    if !matches!(
-        http.idempotency.as_ref().map(|p| &p.phase),
-        Some(Phase::Body)
-    ) {
+    if !holds_request_body(http) {
         return Action::Continue;
     }
     let config = http.config.clone();
@@ -295,22 +470,25 @@ fn decide_now(http: &mut Http, idem: &Idempotency, has_body: bool) -> Action {
     let (method, path) = forwarded_request_path(http);
     let fp = fingerprint(&method, &path, &body);
     drop(body);
-    let step = {
-        let Some(p) = http.idempotency.as_mut() else {
-            return Action::Continue;
-        };
-        p.fingerprint = fp;
-        p.phase = Phase::Done;
-        match &idem.store {
-            Store::Local {
-                max_entries,
-                when_full,
-                ..
-            } => local_begin(http, idem, *max_entries, *when_full),
-            Store::Etcd { .. } => match cached_lease(now_ms()) {
-                Some(lease) => etcd_lock(http, idem, lease, 0, None),
-                None => etcd_send(http, idem, EtcdStep::Lease, Vec::new()),
-            },
+    let Some(p) = http.idempotency.as_mut() else {
+        return Action::Continue;
+    };
+    p.fingerprint = fp;
+    p.phase = Phase::Done;
+    let step = match &idem.store {
+        Store::Local {
+            max_entries,
+            when_full,
+            ..
+        } => local_begin(http, idem, *max_entries, *when_full),
+        Store::Etcd { .. } => {
+            let (key, owner) = (p.store_key, p.owner);
+            let Some(store) = etcd_store(idem) else {
+                return Action::Continue;
+            };
+            let (flow, next) =
+                LockFlow::start(&store.settings, key, fp, owner, now_ms(), &LEASE.get());
+            etcd_next(http, &store, flow, next)
         }
     };
     match step {
@@ -336,12 +514,11 @@ fn apply_async(http: &mut Http, step: Step) {
 
 fn local_begin(http: &mut Http, idem: &Idempotency, max_entries: u32, when_full: WhenFull) -> Step {
     let store = LocalStore { max_entries };
-    let slots = HostSlots::new(max_entries);
     let Some(p) = http.idempotency.as_mut() else {
         return Step::Forward;
     };
     let begin = store.begin(
-        &slots,
+        &HostShared,
         p.store_key,
         p.fingerprint,
         p.owner,
@@ -363,11 +540,11 @@ fn local_begin(http: &mut Http, idem: &Idempotency, max_entries: u32, when_full:
             meta,
         } => {
             let stored = if decision == Decision::Replay {
-                store.response(&slots, slot, &meta)
+                store.response(&HostShared, slot, &meta)
             } else {
                 None
             };
-            answer(http, decision, stored)
+            answer(http, verdict(decision, stored))
         }
         Begin::Full => {
             http.metrics.idempotency_outcome(Outcome::Evicted);
@@ -380,30 +557,17 @@ fn local_begin(http: &mut Http, idem: &Idempotency, max_entries: u32, when_full:
                 WhenFull::Reject => Step::Reply(problem(Outcome::Evicted)),
             }
         }
-        Begin::Contended => answer(http, Decision::InFlight, None),
+        Begin::Contended => answer(http, verdict(Decision::InFlight, None)),
     }
 }
 
-/// The reply for a request that is not forwarded because of the record found.
-fn answer(http: &mut Http, decision: Decision, stored: Option<StoredResponse>) -> Step {
-    let outcome = match decision {
-        Decision::Replay => match stored {
-            Some(r) => {
-                http.metrics.idempotency_outcome(Outcome::Replayed);
-                return Step::Reply(replay(http, &r));
-            }
-            // The response entry was overwritten (the slot was reused in between): the store
-            // cannot answer for this key.
-            None => Outcome::StoreError,
-        },
-        Decision::InFlight => Outcome::InFlightConflict,
-        Decision::Mismatch => Outcome::Mismatch,
-        Decision::NotReplayable => Outcome::NotReplayable,
-        // Acquire / TakeOver are handled by the callers.
-        Decision::Acquire | Decision::TakeOver => Outcome::InFlightConflict,
-    };
-    http.metrics.idempotency_outcome(outcome);
-    Step::Reply(problem(outcome))
+/// The reply for a request that is not forwarded, counted.
+fn answer(http: &mut Http, v: Verdict) -> Step {
+    http.metrics.idempotency_outcome(v.outcome());
+    Step::Reply(match v {
+        Verdict::Replay(r) => replay(http, &r),
+        Verdict::Problem(o) => problem(o),
+    })
 }
 
 /// A stored response as the reply to a duplicate. Translation of the replay for the client
@@ -415,232 +579,142 @@ pub fn replay(http: &Http, stored: &StoredResponse) -> Reply {
 // ---------------------------------------------------------------------------------------------
 // etcd
 
-fn etcd_config(idem: &Idempotency) -> Option<(&str, &str, &str, u64, OnError)> {
-    match &idem.store {
-        Store::Etcd {
-            cluster,
-            authority,
-            prefix,
-            timeout_ms,
-            on_error,
-            ..
-        } => Some((cluster, authority, prefix, *timeout_ms, *on_error)),
-        Store::Local { .. } => None,
-    }
-}
-
-/// Sends one etcd request for `step` (the lease grant builds its own body) and records the
-/// callout; on a dispatch failure answers as a store error.
-fn etcd_send(http: &mut Http, idem: &Idempotency, step: EtcdStep, body: Vec<u8>) -> Step {
-    let Some((cluster, authority, _, timeout_ms, _)) = etcd_config(idem) else {
-        return Step::Forward;
-    };
-    let (path, body) = match step {
-        EtcdStep::Lease => (
-            etcd::LEASE_GRANT,
-            etcd::lease_grant(idem.ttl_s + LEASE_REUSE_S),
-        ),
-        _ => (etcd::TXN, body),
-    };
-    let token = http.dispatch_http_call(
-        cluster,
-        vec![
-            (":method", "POST"),
-            (":path", path),
-            (":authority", authority),
-            ("content-type", "application/json"),
-        ],
-        Some(&body),
-        vec![],
-        Duration::from_millis(timeout_ms),
-    );
-    match token {
-        Ok(token) => {
+/// Performs one step of the lock flow.
+fn etcd_next(http: &mut Http, store: &EtcdStore, mut flow: LockFlow, next: Next) -> Step {
+    match next {
+        Next::Send(request) => match dispatch(&*http, store, &request) {
+            Some(token) => {
+                if let Some(p) = http.idempotency.as_mut() {
+                    p.phase = Phase::Locking { token, flow };
+                }
+                Step::Wait
+            }
+            None => {
+                let mut leases = LEASE.get();
+                let next = flow.unsent(&store.settings, &mut leases);
+                LEASE.set(leases);
+                etcd_next(http, store, flow, next)
+            }
+        },
+        Next::Locked(lock) => {
             if let Some(p) = http.idempotency.as_mut() {
-                p.phase = Phase::Etcd { token, step };
+                p.lock = Some(Lock::Etcd(lock));
             }
-            Step::Wait
+            http.metrics.idempotency_outcome(Outcome::First);
+            Step::Forward
         }
-        Err(e) => {
-            warn!(
-                "handoff[{}]: idempotency: cannot call etcd cluster {cluster:?}: {e:?}",
-                http.context_id
-            );
-            match step {
-                EtcdStep::Lease | EtcdStep::Lock { .. } => store_error(http, idem),
-                EtcdStep::Complete | EtcdStep::Release => Step::Forward,
-            }
+        Next::Reply(v) => {
+            log_failure(http, &flow);
+            answer(http, v)
+        }
+        Next::Unprotected => {
+            log_failure(http, &flow);
+            http.metrics.idempotency_outcome(Outcome::StoreError);
+            Step::Forward
         }
     }
 }
 
-fn store_error(http: &mut Http, idem: &Idempotency) -> Step {
-    // The lease may be the problem (etcd lost it): grant a new one next time.
-    LEASE.set(None);
-    http.metrics.idempotency_outcome(Outcome::StoreError);
-    if let Some(p) = http.idempotency.as_mut() {
-        p.lock = None;
-        p.phase = Phase::Done;
-    }
-    match etcd_config(idem).map(|c| c.4) {
-        Some(OnError::Allow) => Step::Forward,
-        _ => Step::Reply(problem(Outcome::StoreError)),
+fn log_failure(http: &Http, flow: &LockFlow) {
+    if let Some(e) = &flow.failure {
+        warn!(
+            "handoff[{}]: idempotency: etcd did not answer the lock: {e}",
+            http.context_id
+        );
     }
 }
 
 /// An etcd answer arrived.
 pub fn on_http_call_response(http: &mut Http, token: u32, num_headers: usize, body_size: usize) {
-    let step = match http.idempotency.as_ref().map(|p| &p.phase) {
-        Some(Phase::Etcd { token: t, step }) if *t == token => *step,
-        _ => return,
-    };
-    if let Some(p) = http.idempotency.as_mut() {
-        p.phase = Phase::Done;
+    let ours = matches!(
+        http.idempotency.as_ref().map(|p| &p.phase),
+        Some(Phase::Locking { token: t, .. } | Phase::Writing { token: t, .. }) if *t == token
+    );
+    if !ours {
+        return;
     }
     let config = http.config.clone();
-    let Some(idem) = config.idempotency.as_ref() else {
+    let Some(store) = config.idempotency.as_ref().and_then(etcd_store) else {
         return;
     };
-    // No headers: the callout failed or timed out.
-    let ok =
-        num_headers > 0 && http.get_http_call_response_header(":status").as_deref() == Some("200");
-    let body = if ok {
-        http.get_http_call_response_body(0, body_size)
-            .unwrap_or_default()
-    } else {
-        Vec::new()
+    let (status, body) = read_answer(&*http, num_headers, body_size);
+    let answer = Answer {
+        status,
+        body: &body,
     };
-    if !ok {
-        warn!(
-            "handoff[{}]: idempotency: etcd did not answer ({} headers, status {:?})",
-            http.context_id,
-            num_headers,
-            http.get_http_call_response_header(":status")
-        );
-    }
-    match step {
-        EtcdStep::Lease => {
-            let step = match etcd::parse_lease(&body) {
-                Some(lease) => {
-                    LEASE.set(Some((lease, now_ms())));
-                    etcd_lock(http, idem, lease, 0, None)
-                }
-                None => store_error(http, idem),
-            };
+    let phase = http
+        .idempotency
+        .as_mut()
+        .map(|p| std::mem::replace(&mut p.phase, Phase::Done));
+    match phase {
+        Some(Phase::Locking { mut flow, .. }) => {
+            let mut leases = LEASE.get();
+            let next = flow.on_answer(&store.settings, &answer, now_ms(), &mut leases);
+            LEASE.set(leases);
+            let step = etcd_next(http, &store, flow, next);
             apply_async(http, step);
         }
-        EtcdStep::Lock { lease, attempt } => {
-            let step = match etcd::parse_txn(&body) {
-                Some(result) => etcd_locked(http, idem, lease, attempt, result),
-                None => store_error(http, idem),
-            };
-            apply_async(http, step);
-        }
-        EtcdStep::Complete => {
-            if let Some(p) = http.idempotency.as_mut() {
-                p.lock = None;
+        Some(Phase::Writing { write, .. }) => {
+            let resume = write.write == Write::Complete;
+            written(http, write, &answer);
+            if resume {
+                http.resume_http_response();
             }
-            if !matches!(etcd::parse_txn(&body), Some(TxnResult::Written { .. })) {
-                warn!(
-                    "handoff[{}]: idempotency: the completed record was not stored in etcd",
-                    http.context_id
-                );
-            }
-            http.resume_http_response();
         }
-        EtcdStep::Release => {}
+        _ => {}
     }
 }
 
-/// Takes the lock: create the key (`over = None`) or take over the record at `over` revision.
-fn etcd_lock(
-    http: &mut Http,
-    idem: &Idempotency,
-    lease: i64,
-    attempt: u8,
-    over: Option<i64>,
-) -> Step {
-    let Some((_, _, prefix, _, _)) = etcd_config(idem) else {
-        return Step::Forward;
-    };
-    let Some(p) = http.idempotency.as_ref() else {
-        return Step::Forward;
-    };
-    let key = etcd::etcd_key(prefix, &p.store_key);
-    let meta = lock_record(
-        p.store_key,
-        p.fingerprint,
-        p.owner,
-        now_ms(),
-        idem.lock_timeout_s * 1000,
-    );
-    let value = encode_full(&meta, None);
-    let body = match over {
-        None => etcd::lock_txn(&key, &value, lease),
-        Some(rev) => etcd::put_if_revision(&key, rev, &value, lease),
-    };
-    etcd_send(http, idem, EtcdStep::Lock { lease, attempt }, body)
-}
-
-fn etcd_locked(
-    http: &mut Http,
-    idem: &Idempotency,
-    lease: i64,
-    attempt: u8,
-    result: TxnResult,
-) -> Step {
-    let Some(prefix) = etcd_config(idem).map(|c| c.2.to_string()) else {
-        return Step::Forward;
-    };
-    let Some(p) = http.idempotency.as_mut() else {
-        return Step::Forward;
-    };
-    match result {
-        TxnResult::Written { revision } => {
-            let meta = lock_record(
-                p.store_key,
-                p.fingerprint,
-                p.owner,
-                now_ms(),
-                idem.lock_timeout_s * 1000,
+/// The answer to a completion or release this request sent.
+fn written(http: &mut Http, w: PendingWrite, answer: &Answer) {
+    match settle(w.write, w.owner, answer) {
+        Settled::Done => {}
+        Settled::Lost => warn!(
+            "handoff[{}]: idempotency: lock lost before completion (taken over after \
+             lock_timeout_s); response not stored",
+            http.context_id
+        ),
+        Settled::Retry(e) => {
+            warn!(
+                "handoff[{}]: idempotency: etcd did not take the {} ({e}); queued for retry",
+                http.context_id,
+                w.write.as_str()
             );
-            p.lock = Some(Lock::Etcd {
-                key: etcd::etcd_key(&prefix, &p.store_key),
-                revision,
-                lease,
-                meta,
-            });
-            http.metrics.idempotency_outcome(Outcome::First);
-            Step::Forward
+            enqueue(&http.metrics, w.entry(now_ms(), true));
         }
-        TxnResult::Existing(existing) => {
-            let record = existing
-                .as_ref()
-                .and_then(|(value, rev)| decode_full(value).map(|r| (r, *rev)));
-            let fp = p.fingerprint;
-            let decision = match &record {
-                Some(((meta, _), _)) => decide(Some(meta), &fp, now_ms()),
-                None => Decision::Acquire,
-            };
-            match decision {
-                Decision::Acquire | Decision::TakeOver => {
-                    if attempt + 1 >= ETCD_ATTEMPTS {
-                        return answer(http, Decision::InFlight, None);
-                    }
-                    // Vanished (lease expired) or abandoned: try again, against the revision
-                    // read so that only one taker wins.
-                    let over = match (&record, existing) {
-                        (Some((_, rev)), _) => Some(*rev),
-                        (None, Some((_, rev))) => Some(rev),
-                        (None, None) => None,
-                    };
-                    etcd_lock(http, idem, lease, attempt + 1, over)
-                }
-                decision => {
-                    let stored = record.and_then(|((_, r), _)| r);
-                    answer(http, decision, stored)
-                }
+        Settled::Failed(e) => warn!(
+            "handoff[{}]: idempotency: etcd refused the {}: {e}; not stored",
+            http.context_id,
+            w.write.as_str()
+        ),
+    }
+}
+
+/// Sends a completion or release from this request; `false` when it could not be sent (it is
+/// queued instead).
+fn send_write(
+    http: &mut Http,
+    store: &EtcdStore,
+    lock: &EtcdLock,
+    write: Write,
+    request: Request,
+) -> bool {
+    let w = PendingWrite {
+        write,
+        owner: lock.meta.owner,
+        request,
+        deadline_ms: outbox::deadline_ms(&lock.meta, store.timeout_ms),
+    };
+    match dispatch(&*http, store, &w.request) {
+        Some(token) => {
+            if let Some(p) = http.idempotency.as_mut() {
+                p.phase = Phase::Writing { token, write: w };
             }
+            true
+        }
+        None => {
+            enqueue(&http.metrics, w.entry(now_ms(), true));
+            false
         }
     }
 }
@@ -650,7 +724,12 @@ fn etcd_locked(
 
 /// Captures the upstream's status and headers. Run before any response rewriting.
 pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
-    let Some(store_5xx) = http.config.idempotency.as_ref().map(|i| i.store_5xx) else {
+    let Some((store_5xx, max)) = http
+        .config
+        .idempotency
+        .as_ref()
+        .map(|i| (i.store_5xx, i.max_response_bytes()))
+    else {
         return Action::Continue;
     };
     if !matches!(
@@ -663,40 +742,17 @@ pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
         .get_http_response_header_bytes(":status")
         .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
         .unwrap_or(0);
-    if !stores_status(status, store_5xx) {
+    let headers = http.get_http_response_headers_bytes();
+    let Some(capture) = Capture::start(status, headers, max, store_5xx) else {
         debug!(
             "handoff[{}]: idempotency: upstream answered {status}, lock released",
             http.context_id
         );
-        release(http);
+        release(http, false);
         return Action::Continue;
-    }
-    let headers: Vec<(String, String)> = http
-        .get_http_response_headers_bytes()
-        .into_iter()
-        .filter(|(n, _)| stored_header(n))
-        .filter_map(|(n, v)| String::from_utf8(v).ok().map(|v| (n, v)))
-        .collect();
-    let max = http
-        .config
-        .idempotency
-        .as_ref()
-        .map_or(0, |i| i.max_response_bytes());
-    let hold = http
-        .get_http_response_header_bytes("content-length")
-        .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<usize>().ok())
-        .is_some_and(|len| len <= max.min(HOLD_LIMIT));
+    };
     if let Some(p) = http.idempotency.as_mut() {
-        p.capture = Some(Capture {
-            response: StoredResponse {
-                status,
-                headers,
-                body: Vec::new(),
-            },
-            oversized: false,
-            hold,
-            held: 0,
-        });
+        p.capture = Some(capture);
     }
     if end_of_stream {
         return complete(http);
@@ -707,43 +763,29 @@ pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
 /// Captures the upstream's body chunk by chunk (never more than `max_response_bytes`), and
 /// stores the record at the end of the stream. Run before any response rewriting.
 pub fn on_response_body(http: &mut Http, body_size: usize, end_of_stream: bool) -> Action {
-    let Some(max) = http
-        .config
+    let Some(unread) = http
         .idempotency
         .as_ref()
-        .map(|i| i.max_response_bytes())
+        .and_then(|p| p.capture.as_ref())
+        .map(|c| c.unread(body_size))
     else {
         return Action::Continue;
     };
-    let (capturing, held) = match http.idempotency.as_ref().and_then(|p| p.capture.as_ref()) {
-        Some(c) => (!c.oversized, if c.hold { c.held } else { 0 }),
-        None => (false, 0),
-    };
-    // While the body is held, Envoy shows the whole buffer each time: read only the new part.
-    let fresh = body_size.saturating_sub(held);
-    if capturing && fresh > 0 {
-        let chunk = http.get_http_response_body(held, fresh).unwrap_or_default();
-        if let Some(c) = http.idempotency.as_mut().and_then(|p| p.capture.as_mut()) {
-            if c.response.encoded_len() + chunk.len() > max {
-                c.oversized = true;
-                c.hold = false;
-                c.response.body = Vec::new();
-            } else {
-                c.response.body.extend_from_slice(&chunk);
-            }
-        }
-    }
+    let chunk = unread.and_then(|(from, len)| http.get_http_response_body(from, len));
     let Some(c) = http.idempotency.as_mut().and_then(|p| p.capture.as_mut()) else {
         return Action::Continue;
     };
+    if let Some(chunk) = chunk {
+        c.append(&chunk);
+    }
     if end_of_stream {
         return complete(http);
     }
-    if c.hold {
-        c.held = body_size;
-        return Action::Pause;
+    if c.holds(body_size) {
+        Action::Pause
+    } else {
+        Action::Continue
     }
-    Action::Continue
 }
 
 /// Trailers end a response that has them (they are not stored).
@@ -761,7 +803,8 @@ pub fn on_response_trailers(http: &mut Http) -> Action {
 }
 
 /// Stores the completed record. With etcd the response is held until etcd confirms, so that a
-/// retry sent right after the response is replayed.
+/// retry sent right after the response is replayed; when etcd fails the response goes on and
+/// the completion is queued.
 fn complete(http: &mut Http) -> Action {
     let config = http.config.clone();
     let Some(idem) = config.idempotency.as_ref() else {
@@ -773,23 +816,14 @@ fn complete(http: &mut Http) -> Action {
     let (Some(lock), Some(capture)) = (p.lock.take(), p.capture.take()) else {
         return Action::Continue;
     };
-    let replayable = !capture.oversized;
-    let response = replayable.then_some(&capture.response);
+    let response = capture.finish();
     let ttl_ms = idem.ttl_s * 1000;
-    match lock {
-        Lock::Local(lock) => {
-            let max_entries = match idem.store {
-                Store::Local { max_entries, .. } => max_entries,
-                Store::Etcd { .. } => return Action::Continue,
+    match (lock, &idem.store) {
+        (Lock::Local(lock), Store::Local { max_entries, .. }) => {
+            let store = LocalStore {
+                max_entries: *max_entries,
             };
-            let store = LocalStore { max_entries };
-            if !store.complete(
-                &HostSlots::new(max_entries),
-                &lock,
-                response,
-                now_ms(),
-                ttl_ms,
-            ) {
+            if !store.complete(&HostShared, &lock, response.as_ref(), now_ms(), ttl_ms) {
                 warn!(
                     "handoff[{}]: idempotency: lock lost before completion (older than \
                      lock_timeout_s); response not stored",
@@ -798,25 +832,24 @@ fn complete(http: &mut Http) -> Action {
             }
             Action::Continue
         }
-        Lock::Etcd {
-            key,
-            revision,
-            lease,
-            meta,
-        } => {
-            let done = completed_record(&meta, replayable, now_ms(), ttl_ms);
-            let value = encode_full(&done, response);
-            let body = etcd::put_if_revision(&key, revision, &value, lease);
-            match etcd_send(http, idem, EtcdStep::Complete, body) {
-                Step::Wait => Action::Pause,
-                _ => Action::Continue,
+        (Lock::Etcd(lock), _) => {
+            let Some(store) = etcd_store(idem) else {
+                return Action::Continue;
+            };
+            let request = etcd_store::complete(&lock, response.as_ref(), now_ms(), ttl_ms);
+            if send_write(http, &store, &lock, Write::Complete, request) {
+                Action::Pause
+            } else {
+                Action::Continue
             }
         }
+        _ => Action::Continue,
     }
 }
 
-/// Gives the key back (5xx, reset, timeout): a retry executes again.
-fn release(http: &mut Http) {
+/// Gives the key back (5xx, reset, timeout): a retry executes again. `ending`: the stream is
+/// over, so the release is queued for the root context to send.
+fn release(http: &mut Http, ending: bool) {
     let config = http.config.clone();
     let Some(idem) = config.idempotency.as_ref() else {
         return;
@@ -827,27 +860,69 @@ fn release(http: &mut Http) {
     if let Some(p) = http.idempotency.as_mut() {
         p.capture = None;
     }
-    match lock {
-        Lock::Local(lock) => {
-            if let Store::Local { max_entries, .. } = idem.store {
-                let store = LocalStore { max_entries };
-                if store.release(&HostSlots::new(max_entries), &lock) {
-                    http.metrics.idempotency_slots_used(-1);
-                }
+    match (lock, &idem.store) {
+        (Lock::Local(lock), Store::Local { max_entries, .. }) => {
+            let store = LocalStore {
+                max_entries: *max_entries,
+            };
+            if store.release(&HostShared, &lock) {
+                http.metrics.idempotency_slots_used(-1);
             }
         }
-        Lock::Etcd { key, revision, .. } => {
-            // Best effort: if Envoy cannot deliver it (the stream is being destroyed), the
-            // lock is abandoned after lock_timeout_s and the next retry takes it over.
-            let body = etcd::delete_if_revision(&key, revision);
-            let _ = etcd_send(http, idem, EtcdStep::Release, body);
+        (Lock::Etcd(lock), _) => {
+            let Some(store) = etcd_store(idem) else {
+                return;
+            };
+            let request = etcd_store::release(&lock);
+            if ending {
+                let w = PendingWrite {
+                    write: Write::Release,
+                    owner: lock.meta.owner,
+                    request,
+                    deadline_ms: outbox::deadline_ms(&lock.meta, store.timeout_ms),
+                };
+                // Sent by the root context at its next tick: an answer to a callout made here
+                // would be lost with this context.
+                enqueue(&http.metrics, w.entry(now_ms(), false));
+            } else {
+                send_write(http, &store, &lock, Write::Release, request);
+            }
         }
+        _ => {}
     }
 }
 
 /// The stream is over. A lock still held means the upstream never completed a response
-/// (reset, timeout, client gone): release it.
+/// (reset, timeout, client gone): release it. A write still waiting for etcd will not get its
+/// answer here: it is queued, so the root context confirms it; a lock transaction still out is
+/// undone the same way.
 pub fn on_log(http: &mut Http) {
+    let timeout_ms = http
+        .config
+        .idempotency
+        .as_ref()
+        .and_then(etcd_store)
+        .map_or(0, |s| s.timeout_ms);
+    let waiting = http.idempotency.as_mut().and_then(|p| {
+        match std::mem::replace(&mut p.phase, Phase::Done) {
+            Phase::Writing { write, .. } => Some(write),
+            // The client left while the lock transaction was out: release what it may have
+            // written, or the key would stay locked until lock_timeout_s.
+            Phase::Locking { flow, .. } => flow.abandon().map(|(request, meta)| PendingWrite {
+                write: Write::Release,
+                owner: meta.owner,
+                request,
+                deadline_ms: outbox::deadline_ms(&meta, timeout_ms),
+            }),
+            other => {
+                p.phase = other;
+                None
+            }
+        }
+    });
+    if let Some(w) = waiting {
+        enqueue(&http.metrics, w.entry(now_ms(), false));
+    }
     if matches!(
         http.idempotency.as_ref(),
         Some(Pending { lock: Some(_), .. })
@@ -856,6 +931,6 @@ pub fn on_log(http: &mut Http) {
             "handoff[{}]: idempotency: stream ended without a complete response, lock released",
             http.context_id
         );
-        release(http);
+        release(http, true);
     }
 }

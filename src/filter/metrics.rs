@@ -14,6 +14,10 @@ use crate::drain::{DrainSource, Phase};
 use crate::guard::Trigger;
 use crate::idempotency::Outcome;
 
+/// The outcomes of `handoff_idempotency_retries`, all defined at start (a dashboard sees 0,
+/// not a missing series).
+const RETRY_OUTCOMES: [&str; 6] = ["retried", "stored", "lost", "failed", "expired", "dropped"];
+
 pub struct Metrics {
     canary_decisions: Vec<u32>,
     canary_override_rejected: u32,
@@ -21,6 +25,8 @@ pub struct Metrics {
     by_name: RefCell<HashMap<String, u32>>,
     idempotency_outcomes: Vec<u32>,
     idempotency_slots_used: u32,
+    idempotency_retries: Vec<u32>,
+    idempotency_retry_pending: u32,
     drain_state: u32,
     drain_started: Vec<u32>,
     drain_hinted: u32,
@@ -84,6 +90,11 @@ impl Metrics {
                 })
                 .collect(),
             idempotency_slots_used: gauge("handoff_idempotency_local_slots_used"),
+            idempotency_retries: RETRY_OUTCOMES
+                .iter()
+                .map(|o| counter(&format!("handoff_idempotency_retries.outcome.{o}")))
+                .collect(),
+            idempotency_retry_pending: gauge("handoff_idempotency_retry_pending"),
             drain_state: gauge("handoff_drain_state"),
             drain_started: DrainSource::ALL
                 .iter()
@@ -152,6 +163,22 @@ impl Metrics {
     /// Expired records stay counted until their slot is reused.
     pub fn idempotency_slots_used(&self, delta: i64) {
         let _ = hostcalls::increment_metric(self.idempotency_slots_used, delta);
+    }
+
+    /// `handoff_idempotency_retries{outcome}`: etcd completions and releases that failed and
+    /// are retried (`retried`), and how they ended: `stored`, `lost` (taken over), `failed`
+    /// (refused for good), `expired` (deadline passed), `dropped` (queue full, store changed).
+    pub fn idempotency_retry(&self, outcome: &str) {
+        let i = RETRY_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0);
+        inc(self.idempotency_retries[i]);
+    }
+
+    /// Writes this worker has queued for retry.
+    pub fn idempotency_retry_pending(&self, n: usize) {
+        let _ = hostcalls::record_metric(self.idempotency_retry_pending, n as u64);
     }
 
     /// 0 serving, 1 draining, 2 drained.

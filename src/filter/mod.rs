@@ -49,8 +49,10 @@ struct Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token_id: u32, _: usize, _: usize, _: usize) {
+    fn on_http_call_response(&mut self, token_id: u32, headers: usize, body: usize, _: usize) {
+        // Each capability ignores tokens it did not dispatch.
         drain::on_root_call_response(self, token_id);
+        idempotency::on_root_call_response(self, token_id, headers, body);
     }
 }
 
@@ -73,7 +75,7 @@ impl RootContext for Root {
                     self.context_id,
                     config.summary()
                 );
-                idempotency::on_configure(&config);
+                idempotency::on_configure(&config, &self.metrics);
                 self.config = Rc::new(config);
                 drain::configure(self);
                 guard::configure(self);
@@ -92,6 +94,7 @@ impl RootContext for Root {
             drain::on_tick(self);
         }
         guard::on_tick(self);
+        idempotency::on_tick(self);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -1,286 +1,373 @@
-//! The etcd store, as pure request builders and response parsers for etcd's v3 JSON gateway
-//! (`POST /v3/lease/grant`, `/v3/kv/txn`; keys and values base64, int64 as strings). The filter
-//! sends them with `dispatch_http_call` to the configured cluster.
+//! The etcd store's protocol as pure steps: each step is an etcd request to send
+//! ([`Next::Send`]) or the decision it led to, and the answer to a request is fed back to the
+//! flow that sent it. The filter only dispatches the requests and applies the decisions.
 //!
-//! - lock: grant a lease of `ttl_s`, then one transaction: if the key's `create_revision` is 0
-//!   (absent), put the in-flight record with the lease; else range the key, in the same
+//! - lock: a lease (one per worker, reused, see [`LeaseCache`]), then one transaction: if the
+//!   key does not exist, put the in-flight record with the lease; else read it, in the same
 //!   transaction, so the existing record decides the request.
-//! - take over an abandoned lock: put if the key's `mod_revision` is still the one read.
+//! - take over a vanished or abandoned lock: put if the key's `mod_revision` is still the one
+//!   read (only one taker wins); retried [`ATTEMPTS`] times in all before answering 409.
 //! - complete: put the completed record (same lease) if `mod_revision` is still our lock's.
 //! - release: delete the key if `mod_revision` is still our lock's.
 //!
 //! Every write compares a revision, so a request only ever changes its own lock.
 
-pub const LEASE_GRANT: &str = "/v3/lease/grant";
-pub const TXN: &str = "/v3/kv/txn";
+use super::machine::{completed_record, decide, lock_record, verdict, Decision, Verdict};
+use super::record::{decode_full, encode_full, Meta, State, StoredResponse};
+use super::{OnError, Outcome};
+use crate::etcd::{self, Answer, Compare, Op, Request, Txn};
+
+/// Lock transactions (the first and the takeovers after a lost race) before answering 409.
+pub const ATTEMPTS: u8 = 3;
+
+/// How long a worker reuses one etcd lease for the records it writes. Leases are not granted
+/// per request (etcd keeps every lease in memory until it expires): a worker holds at most
+/// `ttl_s / LEASE_REUSE_S + 1` leases, and a record lives between `ttl_s` and
+/// `ttl_s + LEASE_REUSE_S` seconds.
+pub const LEASE_REUSE_S: u64 = 60;
 
 /// The etcd key of a namespaced key: the configured prefix and the hex hash.
 pub fn etcd_key(prefix: &str, key: &[u8; 32]) -> String {
     let mut s = String::with_capacity(prefix.len() + 64);
     s.push_str(prefix);
-    for b in key {
-        s.push(HEX[(b >> 4) as usize] as char);
-        s.push(HEX[(b & 15) as usize] as char);
-    }
+    s.push_str(&hex::encode(key));
     s
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-// Requests are built as text: every value is a number or base64, so nothing needs escaping
-// (and the wasm does not carry a JSON value serializer for it).
-
-pub fn lease_grant(ttl_s: u64) -> Vec<u8> {
-    format!(r#"{{"TTL":"{ttl_s}"}}"#).into_bytes()
+/// A worker's current lease, and the reuse policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseCache {
+    /// (id, granted at ms)
+    current: Option<(i64, u64)>,
 }
 
-fn put(key: &str, value: &[u8], lease: i64) -> String {
-    format!(
-        r#"{{"request_put":{{"key":"{key}","value":"{}","lease":"{lease}"}}}}"#,
-        b64_encode(value)
-    )
+impl LeaseCache {
+    pub const EMPTY: LeaseCache = LeaseCache { current: None };
+
+    /// The lease if it is still fresh enough to carry a new record for `ttl_s`.
+    pub fn fresh(&self, now_ms: u64) -> Option<i64> {
+        self.current
+            .filter(|(_, at)| now_ms.saturating_sub(*at) < LEASE_REUSE_S * 1000)
+            .map(|(id, _)| id)
+    }
+
+    pub fn granted(&mut self, id: i64, now_ms: u64) {
+        self.current = Some((id, now_ms));
+    }
+
+    /// After an etcd failure: the lease may be the problem (etcd lost it), grant a new one.
+    pub fn forget(&mut self) {
+        self.current = None;
+    }
 }
 
-fn range(key: &str) -> String {
-    format!(r#"{{"request_range":{{"key":"{key}"}}}}"#)
+/// What the flow needs from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings<'a> {
+    pub prefix: &'a str,
+    pub ttl_s: u64,
+    pub lock_timeout_ms: u64,
+    pub on_error: OnError,
 }
 
-/// Puts `value` under `key` if the key does not exist; otherwise reads it.
-pub fn lock_txn(key: &str, value: &[u8], lease: i64) -> Vec<u8> {
-    let k = b64_encode(key.as_bytes());
-    format!(
-        r#"{{"compare":[{{"key":"{k}","result":"EQUAL","target":"CREATE","create_revision":"0"}}],"success":[{}],"failure":[{}]}}"#,
-        put(&k, value, lease),
-        range(&k)
-    )
-    .into_bytes()
-}
-
-/// Puts `value` under `key` if its `mod_revision` is still `revision`; otherwise reads it.
-pub fn put_if_revision(key: &str, revision: i64, value: &[u8], lease: i64) -> Vec<u8> {
-    let k = b64_encode(key.as_bytes());
-    format!(
-        r#"{{"compare":[{{"key":"{k}","result":"EQUAL","target":"MOD","mod_revision":"{revision}"}}],"success":[{}],"failure":[{}]}}"#,
-        put(&k, value, lease),
-        range(&k)
-    )
-    .into_bytes()
-}
-
-/// Deletes `key` if its `mod_revision` is still `revision`.
-pub fn delete_if_revision(key: &str, revision: i64) -> Vec<u8> {
-    let k = b64_encode(key.as_bytes());
-    format!(
-        r#"{{"compare":[{{"key":"{k}","result":"EQUAL","target":"MOD","mod_revision":"{revision}"}}],"success":[{{"request_delete_range":{{"key":"{k}"}}}}]}}"#
-    )
-    .into_bytes()
-}
-
-/// A transaction's answer.
+/// The lock a forwarded request holds in etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TxnResult {
-    /// The compare held and the write happened at this revision (the record's mod_revision).
-    Written { revision: i64 },
-    /// The compare failed; the key's current value and mod_revision (`None` when the key is
-    /// gone, e.g. its lease expired in between).
-    Existing(Option<(Vec<u8>, i64)>),
+pub struct EtcdLock {
+    pub key: String,
+    /// The `mod_revision` our lock record was written at: completion and release compare it.
+    pub revision: i64,
+    pub lease: i64,
+    /// The in-flight record as written.
+    pub meta: Meta,
 }
 
-// The gateway's answers are read with a small scanner instead of a JSON parser (which would
-// add a second serde_json instantiation to the wasm): etcd writes compact JSON where every
-// field read here is a number-as-string or base64, never escaped, and omits fields that have
-// their default value (`succeeded: false`, empty lists).
+/// What the filter does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Send this request and feed its answer to [`LockFlow::on_answer`].
+    Send(Request),
+    /// The lock is ours: forward (outcome `first`).
+    Locked(EtcdLock),
+    /// Not forwarded: answer with this.
+    Reply(Verdict),
+    /// etcd failed and `on_error` is `allow`: forward without protection (outcome
+    /// `store_error`).
+    Unprotected,
+}
 
-/// What follows the first `"name":` in `body` (whitespace skipped). The name must not be the
-/// tail of a longer name (`"revision"` does not match `"mod_revision"`).
-fn field<'a>(body: &'a str, name: &str) -> Option<&'a str> {
-    let quoted = format!("\"{name}\"");
-    let mut from = 0;
-    while let Some(i) = body[from..].find(&quoted) {
-        let after = &body[from + i + quoted.len()..];
-        if let Some(value) = after.trim_start().strip_prefix(':') {
-            return Some(value.trim_start());
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stage {
+    /// A lease grant is out; the lock attempt that follows it.
+    Lease {
+        attempt: u8,
+    },
+    /// A lock transaction is out: the record it writes, the lease, the attempt (0-based).
+    Lock {
+        meta: Meta,
+        lease: i64,
+        attempt: u8,
+    },
+    Done,
+}
+
+/// One request's way to the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockFlow {
+    key: String,
+    store_key: [u8; 32],
+    fingerprint: [u8; 32],
+    owner: u64,
+    stage: Stage,
+    /// Why the flow ended in a store error (for the log).
+    pub failure: Option<etcd::Error>,
+}
+
+impl LockFlow {
+    /// The first step: a lease grant, or the lock transaction with a fresh cached lease.
+    pub fn start(
+        s: &Settings,
+        store_key: [u8; 32],
+        fingerprint: [u8; 32],
+        owner: u64,
+        now_ms: u64,
+        leases: &LeaseCache,
+    ) -> (LockFlow, Next) {
+        let mut flow = LockFlow {
+            key: etcd_key(s.prefix, &store_key),
+            store_key,
+            fingerprint,
+            owner,
+            stage: Stage::Lease { attempt: 0 },
+            failure: None,
+        };
+        let next = match leases.fresh(now_ms) {
+            Some(lease) => flow.lock(s, lease, 0, None, now_ms),
+            None => Next::Send(etcd::lease_grant(s.ttl_s + LEASE_REUSE_S)),
+        };
+        (flow, next)
+    }
+
+    /// The answer to the request the last step sent.
+    pub fn on_answer(
+        &mut self,
+        s: &Settings,
+        answer: &Answer,
+        now_ms: u64,
+        leases: &mut LeaseCache,
+    ) -> Next {
+        match std::mem::replace(&mut self.stage, Stage::Done) {
+            Stage::Lease { attempt } => match etcd::parse_lease_grant(answer) {
+                Ok(lease) => {
+                    leases.granted(lease.id, now_ms);
+                    self.lock(s, lease.id, attempt, None, now_ms)
+                }
+                Err(e) => self.failed(s, e, leases),
+            },
+            Stage::Lock {
+                meta,
+                lease,
+                attempt,
+            } => match etcd::parse_txn(answer) {
+                Ok(Txn::Succeeded { revision }) => Next::Locked(EtcdLock {
+                    key: self.key.clone(),
+                    revision,
+                    lease,
+                    meta,
+                }),
+                Ok(Txn::Failed { kv }) => self.existing(s, kv, lease, attempt, now_ms),
+                // The cached lease expired or etcd lost it: a new one, then the lock again.
+                Err(etcd::Error::LeaseNotFound) if attempt + 1 < ATTEMPTS => {
+                    leases.forget();
+                    self.stage = Stage::Lease {
+                        attempt: attempt + 1,
+                    };
+                    Next::Send(etcd::lease_grant(s.ttl_s + LEASE_REUSE_S))
+                }
+                Err(e) => self.failed(s, e, leases),
+            },
+            // An answer nobody waits for (a duplicate callback): nothing changes.
+            Stage::Done => Next::Reply(Verdict::Problem(Outcome::StoreError)),
         }
-        from += i + quoted.len();
     }
-    None
-}
 
-/// The first `"name": "<text>"` in `body`.
-fn string_field<'a>(body: &'a str, name: &str) -> Option<&'a str> {
-    let rest = field(body, name)?.strip_prefix('"')?;
-    Some(&rest[..rest.find('"')?])
-}
-
-fn int_field(body: &str, name: &str) -> Option<i64> {
-    string_field(body, name)?.parse().ok()
-}
-
-/// The lease id of a grant response.
-pub fn parse_lease(body: &[u8]) -> Option<i64> {
-    let body = std::str::from_utf8(body).ok()?;
-    int_field(body, "ID").filter(|id| *id != 0)
-}
-
-pub fn parse_txn(body: &[u8]) -> Option<TxnResult> {
-    let body = std::str::from_utf8(body).ok()?;
-    let trimmed = body.trim();
-    if !(trimmed.starts_with('{') && trimmed.ends_with('}')) || body.contains("\"error\"") {
-        return None;
+    /// The lock transaction: create the key (`over = None`) or take over the record at
+    /// revision `over`.
+    fn lock(&mut self, s: &Settings, lease: i64, attempt: u8, over: Option<i64>, now: u64) -> Next {
+        let meta = lock_record(
+            self.store_key,
+            self.fingerprint,
+            self.owner,
+            now,
+            s.lock_timeout_ms,
+        );
+        let value = encode_full(&meta, None);
+        let key = self.key.as_str();
+        let compare = match over {
+            None => Compare::Absent(key),
+            Some(rev) => Compare::ModRevision(key, rev),
+        };
+        let put = Op::Put {
+            key,
+            value: &value,
+            lease: Some(lease),
+        };
+        let request = etcd::txn(&[compare], &[put], &[Op::Range(key)]);
+        self.stage = Stage::Lock {
+            meta,
+            lease,
+            attempt,
+        };
+        Next::Send(request)
     }
-    if field(body, "succeeded").is_some_and(|v| v.starts_with("true")) {
-        let revision = int_field(body, "revision")?;
-        return Some(TxnResult::Written { revision });
+
+    /// The key exists (or vanished between compare and read): its record decides.
+    fn existing(
+        &mut self,
+        s: &Settings,
+        kv: Option<etcd::Kv>,
+        lease: i64,
+        attempt: u8,
+        now: u64,
+    ) -> Next {
+        let record = kv
+            .as_ref()
+            .and_then(|kv| decode_full(&kv.value).map(|r| (r, kv.mod_revision)));
+        let decision = match &record {
+            Some(((meta, _), _)) => decide(Some(meta), &self.fingerprint, now),
+            // Gone (lease expired) or unreadable: free to take.
+            None => Decision::Acquire,
+        };
+        match decision {
+            Decision::Acquire | Decision::TakeOver => {
+                if attempt + 1 >= ATTEMPTS {
+                    return Next::Reply(verdict(Decision::InFlight, None));
+                }
+                // Against the revision read, so that only one taker wins.
+                let over = kv.map(|kv| kv.mod_revision);
+                self.lock(s, lease, attempt + 1, over, now)
+            }
+            decision => Next::Reply(verdict(decision, record.and_then(|((_, r), _)| r))),
+        }
     }
-    // A failed compare: the range response of the failure branch, at most one key.
-    let Some(kvs) = field(body, "kvs") else {
-        return Some(TxnResult::Existing(None));
-    };
-    let value = b64_decode(string_field(kvs, "value")?)?;
-    let revision = int_field(kvs, "mod_revision")?;
-    Some(TxnResult::Existing(Some((value, revision))))
+
+    fn failed(&mut self, s: &Settings, e: etcd::Error, leases: &mut LeaseCache) -> Next {
+        leases.forget();
+        self.failure = Some(e);
+        match s.on_error {
+            OnError::Allow => Next::Unprotected,
+            OnError::Reject => Next::Reply(Verdict::Problem(Outcome::StoreError)),
+        }
+    }
+
+    /// The request went away while its lock transaction was out (the client left): the
+    /// release of whatever that transaction wrote, to send without waiting for its answer.
+    /// It deletes the key only if it still holds the exact record this flow wrote, so it is
+    /// harmless when the transaction failed or someone else holds the key. `None` when no
+    /// lock transaction was out. The lock record, for the release's deadline, comes with it.
+    pub fn abandon(&self) -> Option<(Request, Meta)> {
+        let Stage::Lock { meta, .. } = &self.stage else {
+            return None;
+        };
+        let key = self.key.as_str();
+        let value = encode_full(meta, None);
+        let request = etcd::txn(&[Compare::Value(key, &value)], &[Op::Delete(key)], &[]);
+        Some((request, meta.clone()))
+    }
+
+    /// The flow ends here because the request could not be sent (the cluster is unknown):
+    /// the same decision as an etcd failure.
+    pub fn unsent(&mut self, s: &Settings, leases: &mut LeaseCache) -> Next {
+        self.stage = Stage::Done;
+        self.failed(s, etcd::Error::Unreachable, leases)
+    }
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+/// The two writes that end a lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// The completed record replaces the lock.
+    Complete,
+    /// The lock is deleted (5xx, reset, timeout): a retry executes again.
+    Release,
+}
 
-/// Standard base64 with padding (what protobuf's JSON mapping uses for `bytes`).
-pub fn b64_encode(input: &[u8]) -> String {
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+impl Write {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Write::Complete => "completion",
+            Write::Release => "release",
+        }
+    }
+}
+
+/// The completion of `lock`: the response when it is given (it fit `max_response_bytes`),
+/// else the key stays completed without a response (`idempotency-not-replayable`).
+pub fn complete(
+    lock: &EtcdLock,
+    response: Option<&StoredResponse>,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Request {
+    let done = completed_record(&lock.meta, response.is_some(), now_ms, ttl_ms);
+    let value = encode_full(&done, response);
+    let key = lock.key.as_str();
+    etcd::txn(
+        &[Compare::ModRevision(key, lock.revision)],
+        &[Op::Put {
+            key,
+            value: &value,
+            lease: Some(lock.lease),
+        }],
+        &[Op::Range(key)],
+    )
+}
+
+/// The release of `lock`.
+pub fn release(lock: &EtcdLock) -> Request {
+    let key = lock.key.as_str();
+    etcd::txn(
+        &[Compare::ModRevision(key, lock.revision)],
+        &[Op::Delete(key)],
+        &[],
+    )
+}
+
+/// How a completion or release ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// Written (or found already written by an earlier attempt whose answer was lost).
+    Done,
+    /// The record is no longer our lock (taken over, or gone with its lease): the completion
+    /// cannot be stored.
+    Lost,
+    /// etcd did not answer or failed in a way that may pass: try again.
+    Retry(etcd::Error),
+    /// etcd refused for good (the lease is gone, a malformed answer).
+    Failed(etcd::Error),
+}
+
+/// Reads the answer to a [`complete`] or [`release`] of the lock owned by `owner`.
+pub fn settle(write: Write, owner: u64, answer: &Answer) -> Settled {
+    match (write, etcd::parse_txn(answer)) {
+        (_, Ok(Txn::Succeeded { .. })) => Settled::Done,
+        // Nothing of ours left to delete.
+        (Write::Release, Ok(Txn::Failed { .. })) => Settled::Done,
+        (Write::Complete, Ok(Txn::Failed { kv })) => {
+            // An attempt whose answer timed out may have been applied: then the record is
+            // our completion.
+            let ours = kv.and_then(|kv| Meta::decode(&kv.value)).is_some_and(|m| {
+                m.owner == owner && matches!(m.state, State::Completed | State::Unreplayable)
+            });
+            if ours {
+                Settled::Done
             } else {
-                out.push('=');
+                Settled::Lost
             }
         }
+        (_, Err(e)) if e.is_transient() => Settled::Retry(e),
+        (_, Err(e)) => Settled::Failed(e),
     }
-    out
-}
-
-/// Decodes standard or URL-safe base64, padded or not.
-pub fn b64_decode(input: &str) -> Option<Vec<u8>> {
-    let input = input.trim_end_matches('=');
-    let mut out = Vec::with_capacity(input.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in input.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use base64::engine::general_purpose::STANDARD;
-    use base64::Engine;
-    use proptest::prelude::*;
-    use serde_json::Value;
-
-    #[test]
-    fn keys_are_prefix_and_hex() {
-        let k = etcd_key("/handoff/idem/", &[0xab; 32]);
-        assert_eq!(k.len(), 14 + 64);
-        assert!(k.starts_with("/handoff/idem/abab"));
-    }
-
-    #[test]
-    fn lock_txn_shape() {
-        let v: Value = serde_json::from_slice(&lock_txn("/p/k", b"rec", 42)).unwrap();
-        assert_eq!(v["compare"][0]["target"], "CREATE");
-        assert_eq!(v["compare"][0]["create_revision"], "0");
-        assert_eq!(v["compare"][0]["key"], STANDARD.encode("/p/k"));
-        assert_eq!(
-            v["success"][0]["request_put"]["value"],
-            STANDARD.encode("rec")
-        );
-        assert_eq!(v["success"][0]["request_put"]["lease"], "42");
-        assert_eq!(
-            v["failure"][0]["request_range"]["key"],
-            STANDARD.encode("/p/k")
-        );
-        let v: Value = serde_json::from_slice(&put_if_revision("/p/k", 7, b"x", 1)).unwrap();
-        assert_eq!(v["compare"][0]["target"], "MOD");
-        assert_eq!(v["compare"][0]["mod_revision"], "7");
-        let v: Value = serde_json::from_slice(&delete_if_revision("/p/k", 7)).unwrap();
-        assert_eq!(
-            v["success"][0]["request_delete_range"]["key"],
-            STANDARD.encode("/p/k")
-        );
-    }
-
-    #[test]
-    fn parses_gateway_answers() {
-        // As etcd 3.4's gateway writes them (defaults omitted, int64 as strings).
-        assert_eq!(
-            parse_lease(br#"{"header":{"revision":"3"},"ID":"7587869124592123404","TTL":"60"}"#),
-            Some(7587869124592123404)
-        );
-        assert_eq!(parse_lease(br#"{"error":"x"}"#), None);
-        assert_eq!(
-            parse_txn(br#"{"header":{"revision":"12"},"succeeded":true,"responses":[{"response_put":{"header":{"revision":"12"}}}]}"#),
-            Some(TxnResult::Written { revision: 12 })
-        );
-        let failed = format!(
-            r#"{{"header":{{"revision":"12"}},"responses":[{{"response_range":{{"header":{{}},"kvs":[{{"key":"eA==","create_revision":"5","mod_revision":"9","version":"2","value":"{}","lease":"1"}}],"count":"1"}}}}]}}"#,
-            STANDARD.encode("record")
-        );
-        assert_eq!(
-            parse_txn(failed.as_bytes()),
-            Some(TxnResult::Existing(Some((b"record".to_vec(), 9))))
-        );
-        assert_eq!(
-            parse_txn(br#"{"header":{},"responses":[{"response_range":{"header":{}}}]}"#),
-            Some(TxnResult::Existing(None))
-        );
-        assert_eq!(parse_txn(b"not json"), None);
-        assert_eq!(
-            parse_txn(br#"{"error":"etcdserver: request timed out","code":14}"#),
-            None
-        );
-        // Whitespace the scanner tolerates, and a header before the kvs.
-        assert_eq!(
-            parse_txn(br#"{ "header": {"revision": "4"}, "succeeded" : true }"#),
-            Some(TxnResult::Written { revision: 4 })
-        );
-        assert_eq!(
-            string_field(r#"{"mod_revision":"9","revision":"3"}"#, "revision"),
-            Some("3")
-        );
-    }
-
-    proptest! {
-        #[test]
-        fn parsing_any_answer_never_panics(body in ".{0,200}") {
-            let _ = parse_txn(body.as_bytes());
-            let _ = parse_lease(body.as_bytes());
-        }
-
-        #[test]
-        fn base64_matches_the_reference(b in proptest::collection::vec(any::<u8>(), 0..100)) {
-            prop_assert_eq!(b64_encode(&b), STANDARD.encode(&b));
-            prop_assert_eq!(b64_decode(&STANDARD.encode(&b)), Some(b));
-        }
-    }
-}
+mod tests;

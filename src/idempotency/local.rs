@@ -19,6 +19,7 @@
 
 use super::machine::{completed_record, decide, lock_record, Decision};
 use super::record::{Meta, State, StoredResponse};
+use crate::shared::{update, SharedData, Step, Update};
 
 /// Candidate slots per key.
 pub const BUCKET: u32 = 8;
@@ -28,21 +29,6 @@ const ATTEMPTS: usize = 4;
 const GUARD_ATTEMPTS: usize = 64;
 /// A guard older than this was abandoned (its worker died while creating slots).
 const GUARD_TIMEOUT_MS: u64 = 1000;
-
-/// Shared-data access, by slot number. The filter implements it over the host; tests over a
-/// map.
-pub trait Slots {
-    /// The meta entry of a slot and its CAS token (`None` for a slot never written).
-    fn get_meta(&self, slot: u32) -> (Option<Vec<u8>>, Option<u32>);
-    /// Writes the meta entry if its CAS token is still `cas`. `false` on a CAS mismatch.
-    fn set_meta(&self, slot: u32, value: &[u8], cas: Option<u32>) -> bool;
-    fn get_response(&self, slot: u32) -> Option<Vec<u8>>;
-    fn set_response(&self, slot: u32, value: &[u8]);
-    /// The creation guard entry and its CAS token (`None` before [`LocalStore::prepare`]).
-    fn get_guard(&self) -> (Option<Vec<u8>>, Option<u32>);
-    /// Writes the guard if its CAS token is still `cas`. `false` on a CAS mismatch.
-    fn set_guard(&self, value: &[u8], cas: Option<u32>) -> bool;
-}
 
 /// The free guard. Never empty: the host reads an empty shared-data value as missing.
 const GUARD_FREE: [u8; 16] = [0; 16];
@@ -93,6 +79,24 @@ pub struct LocalStore {
     pub max_entries: u32,
 }
 
+/// What one read of a key's bucket found.
+#[derive(Default)]
+struct Scan {
+    /// A record of the key: its slot, meta and CAS token.
+    found: Option<(u32, Meta, Option<u32>)>,
+    /// The first slot another key may take (free, expired, abandoned or unreadable): its
+    /// slot, token, and whether it held no record.
+    reusable: Option<(u32, Option<u32>, bool)>,
+    /// The first slot never written.
+    missing: Option<u32>,
+}
+
+/// One lookup attempt's end: decided, or lost a race and must look again.
+enum Attempt {
+    Done(Begin),
+    Again,
+}
+
 impl LocalStore {
     /// The bucket of a key: `min(BUCKET, max_entries)` consecutive slots, wrapping.
     pub fn bucket(&self, key: &[u8; 32]) -> impl Iterator<Item = u32> {
@@ -101,174 +105,262 @@ impl LocalStore {
         (0..BUCKET.min(n)).map(move |i| (start + i) % n)
     }
 
+    /// The shared-data keys. The table size is part of the names, so a resized table never
+    /// reads the old one's records.
+    fn meta_key(&self, slot: u32) -> String {
+        format!("handoff.idem.{}.m{slot}", self.max_entries)
+    }
+
+    fn response_key(&self, slot: u32) -> String {
+        format!("handoff.idem.{}.r{slot}", self.max_entries)
+    }
+
+    fn guard_key(&self) -> String {
+        format!("handoff.idem.{}.guard", self.max_entries)
+    }
+
+    fn meta(&self, shared: &dyn SharedData, slot: u32) -> (Option<Vec<u8>>, Option<u32>) {
+        shared.get(&self.meta_key(slot))
+    }
+
+    fn set_meta(&self, shared: &dyn SharedData, slot: u32, v: &[u8], cas: Option<u32>) -> bool {
+        shared.set(&self.meta_key(slot), v, cas).is_ok()
+    }
+
     /// Creates the creation guard unless it exists. Run when the filter is configured, before
     /// requests arrive. Writes no slot.
-    pub fn prepare(&self, slots: &dyn Slots) -> bool {
-        if slots.get_guard().0.is_some() {
+    pub fn prepare(&self, shared: &dyn SharedData) -> bool {
+        let key = self.guard_key();
+        if shared.get(&key).0.is_some() {
             return false;
         }
-        slots.set_guard(&GUARD_FREE, None)
+        shared.set(&key, &GUARD_FREE, None).is_ok()
+    }
+
+    /// Takes the creation guard: its CAS token once ours, `None` when another worker kept it
+    /// for all of [`GUARD_ATTEMPTS`] or it does not exist.
+    fn take_guard(&self, shared: &dyn SharedData, owner: u64, now_ms: u64) -> Option<u32> {
+        let key = self.guard_key();
+        let mine = guard_value(owner.max(1), now_ms);
+        // A held guard is waited for (its holder needs a few shared-data calls); each try is
+        // one compare-and-swap.
+        for _ in 0..GUARD_ATTEMPTS {
+            let taken = update(shared, &key, 1, |v| match v {
+                // No guard (configure did not run): never write a missing slot unguarded.
+                None => Step::Keep(Some(false)),
+                Some(v) if guard_free(v, now_ms) => Step::Write(mine.to_vec(), Some(true)),
+                Some(_) => Step::Keep(None),
+            });
+            match taken {
+                Update::Written(_) => return shared.get(&key).1,
+                Update::Unchanged(Some(false)) => return None,
+                _ => {}
+            }
+        }
+        None
     }
 
     /// Creates a slot never written as free, under the guard. `false` when the guard could not
     /// be taken (another worker holds it): nothing was written.
-    fn create_slot(&self, slots: &dyn Slots, slot: u32, owner: u64, now_ms: u64) -> bool {
-        let mut taken = None;
-        for _ in 0..GUARD_ATTEMPTS {
-            match slots.get_guard() {
-                (Some(v), Some(cas))
-                    if guard_free(&v, now_ms)
-                        && slots.set_guard(&guard_value(owner.max(1), now_ms), Some(cas)) =>
-                {
-                    taken = slots.get_guard().1;
-                    break;
-                }
-                // No guard (configure did not run): never write a missing slot unguarded.
-                (None, _) | (_, None) => return false,
-                _ => {}
-            }
-        }
-        let Some(cas) = taken else {
+    fn create_slot(&self, shared: &dyn SharedData, slot: u32, owner: u64, now_ms: u64) -> bool {
+        let Some(cas) = self.take_guard(shared, owner, now_ms) else {
             return false;
         };
         // Re-checked under the guard: another worker may have created (and locked) it since
         // our lookup.
-        if slots.get_meta(slot).0.is_none() {
-            slots.set_meta(slot, &Meta::free().encode(), None);
+        if self.meta(shared, slot).0.is_none() {
+            self.set_meta(shared, slot, &Meta::free().encode(), None);
         }
         // Released only if still ours (an expired guard may have been taken over meanwhile).
-        slots.set_guard(&GUARD_FREE, Some(cas));
+        let _ = shared.set(&self.guard_key(), &GUARD_FREE, Some(cas));
         true
+    }
+
+    /// Reads the key's bucket.
+    fn scan(&self, shared: &dyn SharedData, key: &[u8; 32], now_ms: u64) -> Scan {
+        let mut scan = Scan::default();
+        for slot in self.bucket(key) {
+            let (value, cas) = self.meta(shared, slot);
+            let Some(value) = value else {
+                scan.missing = scan.missing.or(Some(slot));
+                continue;
+            };
+            match Meta::decode(&value) {
+                Some(m) if m.key == *key && m.state != State::Free => {
+                    scan.found = Some((slot, m, cas));
+                    return scan;
+                }
+                Some(m) if !m.is_live(now_ms) => {
+                    let free = m.state == State::Free;
+                    scan.reusable = scan.reusable.or(Some((slot, cas, free)));
+                }
+                Some(_) => {}
+                None => scan.reusable = scan.reusable.or(Some((slot, cas, true))),
+            }
+        }
+        scan
     }
 
     /// Looks the key up and takes its lock when the request is to be forwarded.
     pub fn begin(
         &self,
-        slots: &dyn Slots,
+        shared: &dyn SharedData,
         key: [u8; 32],
         fingerprint: [u8; 32],
         owner: u64,
         now_ms: u64,
         lock_timeout_ms: u64,
     ) -> Begin {
-        let lock = lock_record(key, fingerprint, owner, now_ms, lock_timeout_ms);
-        let encoded = lock.encode();
+        let lock = LocalLock {
+            slot: 0,
+            meta: lock_record(key, fingerprint, owner, now_ms, lock_timeout_ms),
+        };
         for _ in 0..ATTEMPTS {
-            let mut found = None;
-            let mut reusable = None;
-            let mut missing = None;
-            for slot in self.bucket(&key) {
-                let (value, cas) = slots.get_meta(slot);
-                if value.is_none() {
-                    missing = missing.or(Some(slot));
-                    continue;
-                }
-                let meta = value.as_deref().and_then(Meta::decode);
-                match meta {
-                    Some(m) if m.key == key && m.state != State::Free => {
-                        found = Some((slot, m, cas));
-                        break;
-                    }
-                    Some(m) if !m.is_live(now_ms) => {
-                        if reusable.is_none() {
-                            reusable = Some((slot, cas, m.state == State::Free));
-                        }
-                    }
-                    Some(_) => {}
-                    // Unreadable: reusable.
-                    None => {
-                        if reusable.is_none() {
-                            reusable = Some((slot, cas, true));
-                        }
-                    }
-                }
+            if let Attempt::Done(b) = self.attempt(shared, &lock, now_ms) {
+                return b;
             }
-            if let (None, None, Some(slot)) = (&found, &reusable, missing) {
-                // No slot to reuse yet: create one and take it while it is free. A record of
-                // the key that another worker wrote meanwhile into another new slot is found
-                // after locking (below), as for any two racing lookups.
-                if !self.create_slot(slots, slot, owner, now_ms) {
-                    return Begin::Contended;
-                }
-                let (value, cas) = slots.get_meta(slot);
-                match value.as_deref().and_then(Meta::decode) {
-                    Some(m) if m.state == State::Free => reusable = Some((slot, cas, true)),
-                    _ => continue,
-                }
-            }
-            if let Some((slot, meta, cas)) = found {
-                match decide(Some(&meta), &fingerprint, now_ms) {
-                    Decision::Acquire | Decision::TakeOver => {
-                        if slots.set_meta(slot, &encoded, cas) {
-                            return Begin::Locked {
-                                lock: LocalLock {
-                                    slot,
-                                    meta: lock.clone(),
-                                },
-                                was_free: false,
-                            };
-                        }
-                        continue;
-                    }
-                    decision => {
-                        return Begin::Found {
-                            decision,
-                            slot,
-                            meta,
-                        }
-                    }
-                }
-            }
-            let Some((slot, cas, was_free)) = reusable else {
-                return Begin::Full;
-            };
-            if !slots.set_meta(slot, &encoded, cas) {
-                continue;
-            }
-            // Two requests with one key that saw different free slots (another key freed one
-            // between their lookups) could each lock a slot. Whoever finds the other's record
-            // after locking gives way, so at most one of them is forwarded.
-            if let Some(other) = self.other_record(slots, &key, slot, now_ms) {
-                self.release(slots, &LocalLock { slot, meta: lock });
-                let (slot, meta) = other;
-                return match decide(Some(&meta), &fingerprint, now_ms) {
-                    Decision::Acquire | Decision::TakeOver => Begin::Contended,
-                    decision => Begin::Found {
-                        decision,
-                        slot,
-                        meta,
-                    },
-                };
-            }
-            return Begin::Locked {
-                lock: LocalLock { slot, meta: lock },
-                was_free,
-            };
         }
         Begin::Contended
     }
 
+    /// One lookup: the key's record decides, else a reusable slot is locked, else a slot is
+    /// created.
+    fn attempt(&self, shared: &dyn SharedData, lock: &LocalLock, now_ms: u64) -> Attempt {
+        let key = &lock.meta.key;
+        let mut scan = self.scan(shared, key, now_ms);
+        if let Some((slot, meta, cas)) = scan.found {
+            return self.on_record(shared, lock, slot, meta, cas, now_ms);
+        }
+        if let (None, Some(slot)) = (scan.reusable, scan.missing) {
+            // No slot to reuse yet: create one and take it while it is free. A record of the
+            // key that another worker wrote meanwhile into another new slot is found after
+            // locking (below), as for any two racing lookups.
+            if !self.create_slot(shared, slot, lock.meta.owner, now_ms) {
+                return Attempt::Done(Begin::Contended);
+            }
+            let (value, cas) = self.meta(shared, slot);
+            match value.as_deref().and_then(Meta::decode) {
+                Some(m) if m.state == State::Free => scan.reusable = Some((slot, cas, true)),
+                _ => return Attempt::Again,
+            }
+        }
+        match scan.reusable {
+            Some((slot, cas, was_free)) => {
+                self.take_slot(shared, lock, slot, cas, was_free, now_ms)
+            }
+            None => Attempt::Done(Begin::Full),
+        }
+    }
+
+    /// The key has a record in `slot`: it decides, or its lock is ours to take.
+    fn on_record(
+        &self,
+        shared: &dyn SharedData,
+        lock: &LocalLock,
+        slot: u32,
+        meta: Meta,
+        cas: Option<u32>,
+        now_ms: u64,
+    ) -> Attempt {
+        match decide(Some(&meta), &lock.meta.fingerprint, now_ms) {
+            Decision::Acquire | Decision::TakeOver => {
+                if !self.set_meta(shared, slot, &lock.meta.encode(), cas) {
+                    return Attempt::Again;
+                }
+                Attempt::Done(Begin::Locked {
+                    lock: LocalLock {
+                        slot,
+                        meta: lock.meta.clone(),
+                    },
+                    was_free: false,
+                })
+            }
+            decision => Attempt::Done(Begin::Found {
+                decision,
+                slot,
+                meta,
+            }),
+        }
+    }
+
+    /// Locks a slot that holds no live record.
+    fn take_slot(
+        &self,
+        shared: &dyn SharedData,
+        lock: &LocalLock,
+        slot: u32,
+        cas: Option<u32>,
+        was_free: bool,
+        now_ms: u64,
+    ) -> Attempt {
+        if !self.set_meta(shared, slot, &lock.meta.encode(), cas) {
+            return Attempt::Again;
+        }
+        let mine = LocalLock {
+            slot,
+            meta: lock.meta.clone(),
+        };
+        // Two requests with one key that saw different free slots (another key freed one
+        // between their lookups) could each lock a slot. Whoever finds the other's record
+        // after locking gives way, so at most one of them is forwarded.
+        let Some((slot, meta)) = self.other_record(shared, &lock.meta.key, slot, now_ms) else {
+            return Attempt::Done(Begin::Locked {
+                lock: mine,
+                was_free,
+            });
+        };
+        self.release(shared, &mine);
+        Attempt::Done(match decide(Some(&meta), &lock.meta.fingerprint, now_ms) {
+            Decision::Acquire | Decision::TakeOver => Begin::Contended,
+            decision => Begin::Found {
+                decision,
+                slot,
+                meta,
+            },
+        })
+    }
+
     fn other_record(
         &self,
-        slots: &dyn Slots,
+        shared: &dyn SharedData,
         key: &[u8; 32],
         mine: u32,
         now_ms: u64,
     ) -> Option<(u32, Meta)> {
         self.bucket(key).filter(|s| *s != mine).find_map(|slot| {
-            let meta = slots.get_meta(slot).0.as_deref().and_then(Meta::decode)?;
+            let meta = self
+                .meta(shared, slot)
+                .0
+                .as_deref()
+                .and_then(Meta::decode)?;
             (meta.key == *key && meta.is_live(now_ms)).then_some((slot, meta))
         })
     }
 
-    /// Reads the slot and returns its CAS token if it still holds our lock.
-    fn still_ours(&self, slots: &dyn Slots, lock: &LocalLock) -> Option<Option<u32>> {
-        let (value, cas) = slots.get_meta(lock.slot);
-        let meta = value.as_deref().and_then(Meta::decode)?;
-        (meta.state == State::InFlight
-            && meta.key == lock.meta.key
-            && meta.owner == lock.meta.owner)
-            .then_some(cas)
+    /// Replaces our lock in its slot with `value` if the slot still holds it (same key and
+    /// owner, in flight). `before` runs once the lock is seen, before the write. `false` when
+    /// the lock was lost or every attempt lost its race.
+    fn replace_lock(
+        &self,
+        shared: &dyn SharedData,
+        lock: &LocalLock,
+        value: &[u8],
+        before: &dyn Fn(),
+    ) -> bool {
+        let ours = |v: Option<&[u8]>| {
+            v.and_then(Meta::decode).is_some_and(|m| {
+                m.state == State::InFlight && m.key == lock.meta.key && m.owner == lock.meta.owner
+            })
+        };
+        let out = update(shared, &self.meta_key(lock.slot), ATTEMPTS, |v| {
+            if ours(v) {
+                before();
+                Step::Write(value.to_vec(), true)
+            } else {
+                Step::Keep(false)
+            }
+        });
+        matches!(out, Update::Written(true))
     }
 
     /// Stores the outcome of a forwarded request: the response when it is given (it fits
@@ -276,47 +368,37 @@ impl LocalStore {
     /// the lock was lost (taken over after `lock_timeout_s`): nothing is written.
     pub fn complete(
         &self,
-        slots: &dyn Slots,
+        shared: &dyn SharedData,
         lock: &LocalLock,
         response: Option<&StoredResponse>,
         now_ms: u64,
         ttl_ms: u64,
     ) -> bool {
         let done = completed_record(&lock.meta, response.is_some(), now_ms, ttl_ms).encode();
-        for _ in 0..ATTEMPTS {
-            let Some(cas) = self.still_ours(slots, lock) else {
-                return false;
-            };
-            if let Some(r) = response {
-                // The response entry first, tagged with key and owner: a reader that sees the
-                // completed meta always finds its response.
-                slots.set_response(lock.slot, &tagged_response(&lock.meta, r));
+        let tagged = response.map(|r| tagged_response(&lock.meta, r));
+        self.replace_lock(shared, lock, &done, &|| {
+            if let Some(t) = &tagged {
+                // The response entry first, tagged with key and owner: a reader that sees
+                // the completed meta always finds its response.
+                let _ = shared.set(&self.response_key(lock.slot), t, None);
             }
-            if slots.set_meta(lock.slot, &done, cas) {
-                return true;
-            }
-        }
-        false
+        })
     }
 
     /// Frees the slot if it still holds our lock (5xx, reset, timeout): a retry executes
     /// again. `true` when the slot was freed.
-    pub fn release(&self, slots: &dyn Slots, lock: &LocalLock) -> bool {
-        let free = Meta::free().encode();
-        for _ in 0..ATTEMPTS {
-            let Some(cas) = self.still_ours(slots, lock) else {
-                return false;
-            };
-            if slots.set_meta(lock.slot, &free, cas) {
-                return true;
-            }
-        }
-        false
+    pub fn release(&self, shared: &dyn SharedData, lock: &LocalLock) -> bool {
+        self.replace_lock(shared, lock, &Meta::free().encode(), &|| {})
     }
 
     /// The stored response of a completed record found by [`LocalStore::begin`].
-    pub fn response(&self, slots: &dyn Slots, slot: u32, meta: &Meta) -> Option<StoredResponse> {
-        let bytes = slots.get_response(slot)?;
+    pub fn response(
+        &self,
+        shared: &dyn SharedData,
+        slot: u32,
+        meta: &Meta,
+    ) -> Option<StoredResponse> {
+        let bytes = shared.get(&self.response_key(slot)).0?;
         if bytes.len() < 40 {
             return None;
         }
@@ -336,78 +418,9 @@ fn tagged_response(meta: &Meta, r: &StoredResponse) -> Vec<u8> {
 }
 
 #[cfg(test)]
-pub mod fake {
-    //! Shared data over a map, with Envoy's CAS rules (a write with a token succeeds only if
-    //! the entry's token is unchanged; a missing entry accepts any token).
-    use super::Slots;
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-
-    #[derive(Default)]
-    pub struct FakeSlots {
-        pub meta: RefCell<HashMap<u32, (Vec<u8>, u32)>>,
-        pub response: RefCell<HashMap<u32, Vec<u8>>>,
-        pub guard: RefCell<Option<(Vec<u8>, u32)>>,
-        next_cas: RefCell<u32>,
-    }
-
-    impl FakeSlots {
-        fn next(&self) -> u32 {
-            let mut n = self.next_cas.borrow_mut();
-            *n += 1;
-            *n
-        }
-    }
-
-    impl Slots for FakeSlots {
-        fn get_meta(&self, slot: u32) -> (Option<Vec<u8>>, Option<u32>) {
-            match self.meta.borrow().get(&slot) {
-                // As the host: an empty value reads as missing.
-                Some((v, c)) if v.is_empty() => (None, Some(*c)),
-                Some((v, c)) => (Some(v.clone()), Some(*c)),
-                None => (None, None),
-            }
-        }
-        fn set_meta(&self, slot: u32, value: &[u8], cas: Option<u32>) -> bool {
-            let mut m = self.meta.borrow_mut();
-            if let (Some(c), Some((_, cur))) = (cas, m.get(&slot)) {
-                if c != 0 && c != *cur {
-                    return false;
-                }
-            }
-            m.insert(slot, (value.to_vec(), self.next()));
-            true
-        }
-        fn get_response(&self, slot: u32) -> Option<Vec<u8>> {
-            self.response.borrow().get(&slot).cloned()
-        }
-        fn set_response(&self, slot: u32, value: &[u8]) {
-            self.response.borrow_mut().insert(slot, value.to_vec());
-        }
-        fn get_guard(&self) -> (Option<Vec<u8>>, Option<u32>) {
-            match &*self.guard.borrow() {
-                Some((v, c)) if v.is_empty() => (None, Some(*c)),
-                Some((v, c)) => (Some(v.clone()), Some(*c)),
-                None => (None, None),
-            }
-        }
-        fn set_guard(&self, value: &[u8], cas: Option<u32>) -> bool {
-            let mut g = self.guard.borrow_mut();
-            if let (Some(c), Some((_, cur))) = (cas, g.as_ref()) {
-                if c != 0 && c != *cur {
-                    return false;
-                }
-            }
-            *g = Some((value.to_vec(), self.next()));
-            true
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::fake::FakeSlots;
     use super::*;
+    use crate::shared::{Memory, WriteError};
     use proptest::prelude::*;
 
     const FP: [u8; 32] = [1; 32];
@@ -420,17 +433,73 @@ mod tests {
         k
     }
 
-    fn store(n: u32) -> (LocalStore, FakeSlots) {
+    /// Slot-level access to the shared data of a store, for the tests.
+    trait Slots {
+        fn store(&self) -> LocalStore;
+        fn shared(&self) -> &dyn SharedData;
+        fn get_meta(&self, slot: u32) -> (Option<Vec<u8>>, Option<u32>) {
+            self.store().meta(self.shared(), slot)
+        }
+        fn set_meta(&self, slot: u32, v: &[u8], cas: Option<u32>) -> bool {
+            self.store().set_meta(self.shared(), slot, v, cas)
+        }
+        fn get_guard(&self) -> (Option<Vec<u8>>, Option<u32>) {
+            self.shared().get(&self.store().guard_key())
+        }
+        fn set_guard(&self, v: &[u8]) {
+            self.shared()
+                .set(&self.store().guard_key(), v, None)
+                .unwrap();
+        }
+    }
+
+    struct Table {
+        store: LocalStore,
+        mem: Memory,
+    }
+
+    impl Slots for Table {
+        fn store(&self) -> LocalStore {
+            self.store
+        }
+        fn shared(&self) -> &dyn SharedData {
+            &self.mem
+        }
+    }
+
+    impl SharedData for Table {
+        fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+            self.mem.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), WriteError> {
+            self.mem.set(key, value, cas)
+        }
+    }
+
+    impl Table {
+        /// Slots written so far.
+        fn metas(&self) -> usize {
+            self.mem.keys().iter().filter(|k| k.contains(".m")).count()
+        }
+        fn responses(&self) -> usize {
+            self.mem.keys().iter().filter(|k| k.contains(".r")).count()
+        }
+    }
+
+    fn store(n: u32) -> (LocalStore, Table) {
         let s = LocalStore { max_entries: n };
-        let slots = FakeSlots::default();
+        let slots = Table {
+            store: s,
+            mem: Memory::new(),
+        };
         assert!(s.prepare(&slots));
         assert!(!s.prepare(&slots), "preparation is idempotent");
-        assert!(slots.meta.borrow().is_empty(), "no slot before first use");
+        assert_eq!(slots.metas(), 0, "no slot before first use");
         (s, slots)
     }
 
     /// A store whose every slot exists already (as after heavy use).
-    fn created(n: u32) -> (LocalStore, FakeSlots) {
+    fn created(n: u32) -> (LocalStore, Table) {
         let (s, slots) = store(n);
         for slot in 0..n {
             slots.set_meta(slot, &Meta::free().encode(), None);
@@ -531,7 +600,7 @@ mod tests {
         assert_eq!(s.begin(&slots, key(20), FP, 1, 1001, TIMEOUT), Begin::Full);
         // After the lock timeout the abandoned slots are reusable.
         lock_of(s.begin(&slots, key(20), FP, 1, 1000 + TIMEOUT, TIMEOUT));
-        assert_eq!(slots.meta.borrow().len(), 4, "never more than max_entries");
+        assert_eq!(slots.metas(), 4, "never more than max_entries");
     }
 
     #[test]
@@ -571,7 +640,7 @@ mod tests {
     /// Slots where another worker writes a record right before our first meta write (or, with
     /// `at_guard`, our first look at the creation guard).
     struct Racing {
-        inner: FakeSlots,
+        inner: Table,
         inject: std::cell::RefCell<Option<(u32, Vec<u8>)>>,
         at_guard: bool,
     }
@@ -584,30 +653,27 @@ mod tests {
         }
     }
 
+    impl SharedData for Racing {
+        fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+            if self.at_guard && key.ends_with("guard") {
+                self.race();
+            }
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), WriteError> {
+            if !self.at_guard && key.contains(".m") {
+                self.race();
+            }
+            self.inner.set(key, value, cas)
+        }
+    }
+
     impl Slots for Racing {
-        fn get_meta(&self, slot: u32) -> (Option<Vec<u8>>, Option<u32>) {
-            self.inner.get_meta(slot)
+        fn store(&self) -> LocalStore {
+            self.inner.store
         }
-        fn set_meta(&self, slot: u32, value: &[u8], cas: Option<u32>) -> bool {
-            if !self.at_guard {
-                self.race();
-            }
-            self.inner.set_meta(slot, value, cas)
-        }
-        fn get_response(&self, slot: u32) -> Option<Vec<u8>> {
-            self.inner.get_response(slot)
-        }
-        fn set_response(&self, slot: u32, value: &[u8]) {
-            self.inner.set_response(slot, value)
-        }
-        fn get_guard(&self) -> (Option<Vec<u8>>, Option<u32>) {
-            if self.at_guard {
-                self.race();
-            }
-            self.inner.get_guard()
-        }
-        fn set_guard(&self, value: &[u8], cas: Option<u32>) -> bool {
-            self.inner.set_guard(value, cas)
+        fn shared(&self) -> &dyn SharedData {
+            self
         }
     }
 
@@ -641,7 +707,7 @@ mod tests {
         let (s, slots) = store(10_000);
         let k = key(11);
         let lock = lock_of(s.begin(&slots, k, FP, 1, 1000, TIMEOUT));
-        assert_eq!(slots.meta.borrow().len(), 1);
+        assert_eq!(slots.metas(), 1);
         assert_eq!(s.bucket(&k).next(), Some(lock.slot));
         // The guard was released.
         assert_eq!(slots.get_guard().0.as_deref(), Some(&GUARD_FREE[..]));
@@ -657,18 +723,18 @@ mod tests {
             lock_of(s.begin(&slots, other, FP, 3, 1000, TIMEOUT)).slot,
             second.slot
         );
-        assert_eq!(slots.meta.borrow().len(), 2);
+        assert_eq!(slots.metas(), 2);
     }
 
     #[test]
     fn a_guard_held_by_another_worker_writes_nothing_until_it_expires() {
         let (s, slots) = store(64);
-        slots.set_guard(&guard_value(42, 1000), None);
+        slots.set_guard(&guard_value(42, 1000));
         assert_eq!(
             s.begin(&slots, key(12), FP, 1, 1000, TIMEOUT),
             Begin::Contended
         );
-        assert!(slots.meta.borrow().is_empty());
+        assert_eq!(slots.metas(), 0);
         // Its worker died while holding it: taken over after GUARD_TIMEOUT_MS.
         lock_of(s.begin(&slots, key(12), FP, 1, 1000 + GUARD_TIMEOUT_MS, TIMEOUT));
     }
@@ -676,12 +742,15 @@ mod tests {
     #[test]
     fn without_a_guard_no_missing_slot_is_written() {
         let s = LocalStore { max_entries: 64 };
-        let slots = FakeSlots::default();
+        let slots = Table {
+            store: s,
+            mem: Memory::new(),
+        };
         assert_eq!(
             s.begin(&slots, key(13), FP, 1, 1000, TIMEOUT),
             Begin::Contended
         );
-        assert!(slots.meta.borrow().is_empty());
+        assert_eq!(slots.metas(), 0);
     }
 
     #[test]
@@ -746,8 +815,8 @@ mod tests {
                     }
                     Begin::Full | Begin::Contended => {}
                 }
-                prop_assert!(slots.meta.borrow().len() <= 16);
-                prop_assert!(slots.response.borrow().len() <= 16);
+                prop_assert!(slots.metas() <= 16);
+                prop_assert!(slots.responses() <= 16);
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The idempotency state machine: what the record found for a key means for a new request.
 
-use super::record::{Meta, State};
+use super::record::{Meta, State, StoredResponse};
+use super::Outcome;
 
 /// What to do with a request, given the record its key has in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +70,42 @@ pub fn completed_record(lock: &Meta, replayable: bool, now_ms: u64, ttl_ms: u64)
         expires_at_ms: now_ms.saturating_add(ttl_ms),
         ..lock.clone()
     }
+}
+
+/// How a request that is not forwarded is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The stored response (outcome `replayed`).
+    Replay(StoredResponse),
+    /// The problem reply of this outcome.
+    Problem(Outcome),
+}
+
+impl Verdict {
+    /// The outcome counted for this answer.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Verdict::Replay(_) => Outcome::Replayed,
+            Verdict::Problem(o) => *o,
+        }
+    }
+}
+
+/// The answer to a request whose key has a record that keeps it from being forwarded, given
+/// the stored response when the record has one.
+pub fn verdict(decision: Decision, stored: Option<StoredResponse>) -> Verdict {
+    Verdict::Problem(match decision {
+        Decision::Replay => match stored {
+            Some(r) => return Verdict::Replay(r),
+            // The response was overwritten (a local slot reused in between): the store cannot
+            // answer for this key.
+            None => Outcome::StoreError,
+        },
+        Decision::Mismatch => Outcome::Mismatch,
+        Decision::NotReplayable => Outcome::NotReplayable,
+        // The callers forward on Acquire / TakeOver; reaching here means they could not.
+        Decision::InFlight | Decision::Acquire | Decision::TakeOver => Outcome::InFlightConflict,
+    })
 }
 
 /// Whether a response with this status is stored (and replayed) or releases the lock so that
@@ -149,5 +186,23 @@ mod tests {
         );
         assert!(stores_status(201, false) && stores_status(404, false));
         assert!(!stores_status(500, false) && stores_status(503, true));
+    }
+
+    #[test]
+    fn verdicts() {
+        let r = StoredResponse::default();
+        assert_eq!(
+            verdict(Decision::Replay, Some(r.clone())),
+            Verdict::Replay(r)
+        );
+        for (d, o) in [
+            (Decision::Replay, Outcome::StoreError),
+            (Decision::InFlight, Outcome::InFlightConflict),
+            (Decision::TakeOver, Outcome::InFlightConflict),
+            (Decision::Mismatch, Outcome::Mismatch),
+            (Decision::NotReplayable, Outcome::NotReplayable),
+        ] {
+            assert_eq!(verdict(d, None).outcome(), o);
+        }
     }
 }

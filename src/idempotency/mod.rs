@@ -3,10 +3,12 @@
 //! ([`record`]) and the two stores' logic ([`local`] over a shared-data trait, [`etcd`] as
 //! request builders and parsers). The filter (`src/filter/idempotency.rs`) does the I/O.
 
+pub mod capture;
 pub mod etcd;
 pub mod key;
 pub mod local;
 pub mod machine;
+pub mod outbox;
 pub mod record;
 
 use serde::Deserialize;

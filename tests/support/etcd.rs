@@ -125,9 +125,34 @@ impl Etcd {
         self.child.is_some()
     }
 
+    /// Freezes etcd (SIGSTOP): connections are still accepted by the kernel, nothing is
+    /// answered, so callouts time out, as with a hung or partitioned member.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen etcd run again (SIGCONT); it answers what was sent meanwhile.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("etcd is running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// Stops etcd now with SIGKILL, a crash (the handle's drop does the same).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // A frozen process dies of SIGKILL too; SIGCONT first keeps its log complete.
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -179,18 +204,31 @@ pub async fn idempotency_envoy(
     on_error: &str,
     lock_timeout_s: u64,
 ) -> super::Envoy {
+    let opts = idempotency_opts(backend, etcd_port, on_error, lock_timeout_s);
+    super::Envoy::start(opts).await
+}
+
+/// The plugin configuration [`idempotency_envoy`] runs.
+pub fn idempotency_config(on_error: &str, lock_timeout_s: u64) -> serde_json::Value {
     let mut config = super::fixture_plugin_config("idempotency-etcd");
     config["idempotency"]["store"]["on_error"] = serde_json::json!(on_error);
     config["idempotency"]["lock_timeout_s"] = serde_json::json!(lock_timeout_s);
     // Generous for a loaded CI machine; the fixture's 250 ms is the production default.
     config["idempotency"]["store"]["timeout_ms"] = serde_json::json!(2000);
-    super::Envoy::start(
-        super::EnvoyOpts::new("idempotency-etcd")
-            .upstream(8081, backend)
-            .port(2379, etcd_port)
-            .plugin_config(config),
-    )
-    .await
+    config
+}
+
+/// The options of [`idempotency_envoy`], to start it another way (through LDS).
+pub fn idempotency_opts(
+    backend: &super::Backend,
+    etcd_port: u16,
+    on_error: &str,
+    lock_timeout_s: u64,
+) -> super::EnvoyOpts {
+    super::EnvoyOpts::new("idempotency-etcd")
+        .upstream(8081, backend)
+        .port(2379, etcd_port)
+        .plugin_config(idempotency_config(on_error, lock_timeout_s))
 }
 
 /// `handoff_idempotency_outcomes{outcome=<name>}` of one Envoy.

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub mod backend;
 pub mod client;
+pub mod drain;
 pub mod etcd;
 pub mod lds;
 pub mod tokens;
