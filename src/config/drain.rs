@@ -63,9 +63,11 @@ impl RawWebsocket {
                         "handoff adds `reconnect_after_ms` itself: remove it",
                     ));
                 }
-                // Through `to_vec`, the serializer translate already uses: `to_string` would add a
-                // second copy of it to the wasm.
-                let json = serde_json::to_vec(&serde_json::Value::Object(map))
+                // Through translate's tree, whose serializer the wasm already has (it writes what
+                // the `Value` would): serializing the `Value` itself adds a second one.
+                let tree =
+                    crate::translate::tree::Node::from_value(&serde_json::Value::Object(map));
+                let json = serde_json::to_vec(&tree)
                     .ok()
                     .and_then(|b| String::from_utf8(b).ok())
                     .unwrap_or_default();
