@@ -12,30 +12,12 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Output};
 use std::time::Duration;
+use support::drain::{admin, drain_config, drain_config_no_readiness, state, ADMIN};
 use support::{clients, h1, h2, wait_for, Backend, Envoy, EnvoyOpts};
 
-const ADMIN: &str = "/.well-known/handoff/drain";
 const HINT: &str = "x-handoff-reconnect-after-ms";
 const TOKEN: &str = "s3cret-drain-token";
 const WAIT: Duration = Duration::from_secs(20);
-
-/// The fixture's drain section with `edit` applied (other capabilities removed).
-fn drain_config(edit: impl FnOnce(&mut Value)) -> Value {
-    let mut c = support::fixture_plugin_config("drain");
-    let mut d = c["drain"].take();
-    edit(&mut d);
-    c = json!({ "drain": d });
-    c
-}
-
-/// The fixture's drain without its readiness probe (started by the admin path or the upstream
-/// signal only), then `edit`.
-fn drain_config_no_readiness(edit: impl FnOnce(&mut Value)) -> Value {
-    drain_config(|d| {
-        d.as_object_mut().unwrap().remove("readiness");
-        edit(d);
-    })
-}
 
 async fn start(backend: &Backend, concurrency: u32, config: Value) -> Envoy {
     let mut opts = EnvoyOpts::new("drain")
@@ -43,22 +25,6 @@ async fn start(backend: &Backend, concurrency: u32, config: Value) -> Envoy {
         .plugin_config(config);
     opts.concurrency = concurrency;
     Envoy::start(opts).await
-}
-
-async fn state(envoy: &Envoy) -> Value {
-    let r = h1().get(envoy.url(ADMIN)).send().await.expect("admin GET");
-    assert_eq!(r.status(), 200);
-    r.json().await.expect("state JSON")
-}
-
-async fn admin(envoy: &Envoy, method: reqwest::Method, query: &str) -> Value {
-    let r = h1()
-        .request(method.clone(), envoy.url(&format!("{ADMIN}{query}")))
-        .send()
-        .await
-        .expect("admin request");
-    assert_eq!(r.status(), 200, "{method} {ADMIN}{query}");
-    r.json().await.expect("state JSON")
 }
 
 async fn wait_state(envoy: &Envoy, want: &str) -> Value {

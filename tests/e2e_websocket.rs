@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{h1, wait_for, Backend, Envoy, EnvoyOpts};
+use support::drain::{admin, drain_config_no_readiness, state, ADMIN};
+use support::{wait_for, Backend, Envoy, EnvoyOpts};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
@@ -20,18 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 
-const ADMIN: &str = "/.well-known/handoff/drain";
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The fixture's drain section (no readiness probe: the tests start the drain), then `edit`.
-fn drain_config(edit: impl FnOnce(&mut Value)) -> Value {
-    let mut c = support::fixture_plugin_config("drain");
-    let mut d = c["drain"].take();
-    d.as_object_mut().unwrap().remove("readiness");
-    edit(&mut d);
-    c = json!({ "drain": d });
-    c
-}
 
 async fn start(upstream_port: u16, concurrency: u32, config: Value) -> Envoy {
     let mut opts = EnvoyOpts::new("drain")
@@ -39,20 +29,6 @@ async fn start(upstream_port: u16, concurrency: u32, config: Value) -> Envoy {
         .plugin_config(config);
     opts.concurrency = concurrency;
     Envoy::start(opts).await
-}
-
-async fn state(envoy: &Envoy) -> Value {
-    let r = h1().get(envoy.url(ADMIN)).send().await.expect("admin GET");
-    r.json().await.expect("state JSON")
-}
-
-async fn admin(envoy: &Envoy, method: reqwest::Method, query: &str) {
-    let r = h1()
-        .request(method.clone(), envoy.url(&format!("{ADMIN}{query}")))
-        .send()
-        .await
-        .expect("admin request");
-    assert_eq!(r.status(), 200, "{method} {ADMIN}{query}");
 }
 
 fn ws_url(envoy: &Envoy, path: &str) -> String {
@@ -238,7 +214,7 @@ async fn connect(url: &str) -> Client {
 #[tokio::test]
 async fn without_a_drain_every_message_passes_unchanged() {
     let app = App::start().await;
-    let envoy = start(app.port, 1, drain_config(|_| {})).await;
+    let envoy = start(app.port, 1, drain_config_no_readiness(|_| {})).await;
     let mut ws = connect(&ws_url(&envoy, "/echo")).await;
     let sizes = [0usize, 125, 126, 64 * 1024, 1024 * 1024];
     for size in sizes {
@@ -299,7 +275,7 @@ async fn permessage_deflate_passes_unchanged() {
         .spawn()
         .expect("python ws_deflate.py serve");
     support::read_listening(&mut server, "ws_deflate.py");
-    let envoy = start(port, 1, drain_config(|_| {})).await;
+    let envoy = start(port, 1, drain_config_no_readiness(|_| {})).await;
     let url = ws_url(&envoy, "/echo");
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python())
@@ -349,7 +325,7 @@ async fn a_drain_migrates_then_closes_50_connections_across_the_jitter() {
     let envoy = start(
         app.port,
         2,
-        drain_config(|d| {
+        drain_config_no_readiness(|d| {
             d["reconnect_jitter_ms"] = json!(jitter);
             d["grace_s"] = json!(20);
         }),
@@ -446,7 +422,7 @@ async fn the_migration_message_waits_for_the_last_fragment() {
     let envoy = start(
         app.port,
         1,
-        drain_config(|d| {
+        drain_config_no_readiness(|d| {
             // The longest delays and grace: only the migration message is due in this test.
             d["reconnect_jitter_ms"] = json!(3_600_000);
             d["grace_s"] = json!(3600);
@@ -487,7 +463,7 @@ async fn a_send_only_client_is_closed_and_an_idle_one_is_counted() {
     let envoy = start(
         app.port,
         2,
-        drain_config(|d| {
+        drain_config_no_readiness(|d| {
             d["reconnect_jitter_ms"] = json!(500);
             d["grace_s"] = json!(2);
         }),
@@ -552,7 +528,7 @@ async fn an_invalid_websocket_section_is_refused_naming_the_field() {
         ("close_code", json!(1006)),
         ("close_reason", json!("x".repeat(124))),
     ] {
-        let opts = EnvoyOpts::new("drain").plugin_config(drain_config(|d| {
+        let opts = EnvoyOpts::new("drain").plugin_config(drain_config_no_readiness(|d| {
             d["websocket"][key] = value.clone();
         }));
         let log = Envoy::start_expecting_failure(opts).await;
@@ -594,7 +570,7 @@ async fn closed_loop(envoy: &Envoy, t0: Instant, for_ms: u64) -> Vec<(u64, u16, 
 async fn a_start_and_a_cancel_reach_every_worker_within_250_ms() {
     let app = Backend::start("app", "v1");
     // Plain requests: the websocket part plays no role here.
-    let config = drain_config(|d| {
+    let config = drain_config_no_readiness(|d| {
         d.as_object_mut().unwrap().remove("websocket");
     });
     let envoy = start(app.addr.port(), 2, config).await;
@@ -715,7 +691,7 @@ async fn an_http2_extended_connect_websocket_is_drained_too() {
     let envoy = start(
         app.port,
         1,
-        drain_config(|d| {
+        drain_config_no_readiness(|d| {
             d["reconnect_jitter_ms"] = json!(500);
             d["grace_s"] = json!(5);
         }),
