@@ -227,7 +227,11 @@ pub fn configure(root: &mut Root) {
     if !crate::drain::register_worker(STORE, root.drain.worker_id, now, d.tick_ms()) {
         warn!("handoff: drain worker registry not updated (contention)");
     }
-    let _ = hostcalls::set_tick_period(Duration::from_millis(u64::from(d.tick_ms())));
+}
+
+/// The root tick period the drain needs, if configured.
+pub fn tick_ms(config: &crate::config::Config) -> Option<u64> {
+    config.drain.as_ref().map(|d| u64::from(d.tick_ms()))
 }
 
 pub fn on_tick(root: &mut Root) {

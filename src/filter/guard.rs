@@ -10,7 +10,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::Action;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use super::host::{admin_allowed, response_header};
 use super::shared::HostShared;
@@ -191,11 +191,11 @@ pub fn configure(root: &mut Root) {
     };
     root.guard.local.aborted.set(state.aborted.is_some());
     root.metrics.guard_state(state.aborted.is_some());
-    let tick = match root.config.drain.as_ref() {
-        Some(d) => g.tick_ms().min(d.tick_ms()),
-        None => g.tick_ms(),
-    };
-    let _ = hostcalls::set_tick_period(Duration::from_millis(u64::from(tick)));
+}
+
+/// The root tick period the guard needs, if configured.
+pub fn tick_ms(config: &Config) -> Option<u64> {
+    guard_of(config).map(|g| u64::from(g.tick_ms()))
 }
 
 /// Whether the drain's tick is due (the tick period is the guard's when it is shorter).

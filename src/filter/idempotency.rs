@@ -234,9 +234,11 @@ pub fn on_configure(config: &Config, metrics: &Metrics) {
     for e in &dropped {
         report(metrics, "dropped", e, &"the etcd store changed");
     }
-    if !tag.is_empty() && config.drain.is_none() {
-        let _ = hostcalls::set_tick_period(Duration::from_millis(RETRY_TICK_MS));
-    }
+}
+
+/// The root tick period the etcd retry queue needs, if the etcd store is configured.
+pub fn tick_ms(config: &Config) -> Option<u64> {
+    (!store_tag(config).is_empty()).then_some(RETRY_TICK_MS)
 }
 
 /// The root context's tick: retry what is due.

@@ -79,6 +79,14 @@ impl RootContext for Root {
                 self.config = Rc::new(config);
                 drain::configure(self);
                 guard::configure(self);
+                // One tick serves every section: the shortest period any of them needs.
+                let tick = [drain::tick_ms, guard::tick_ms, idempotency::tick_ms]
+                    .iter()
+                    .filter_map(|f| f(&self.config))
+                    .min();
+                if let Some(ms) = tick {
+                    self.set_tick_period(std::time::Duration::from_millis(ms));
+                }
                 true
             }
             Err(e) => {
