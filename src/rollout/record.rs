@@ -13,7 +13,7 @@
 use serde_json::Value;
 
 use crate::etcd::{self, Answer, Compare, Kv, Op, Request, Txn};
-use crate::guard::{Cohort, Figure, Window};
+use crate::guard::{Cohort, Figure, Reader, Window};
 
 pub const DEFAULT_PREFIX: &str = "/handoff/rollout/";
 /// A reason is cut to this many bytes when written (the record stays small).
@@ -373,11 +373,7 @@ pub fn encode_counts(window: u64, w: &Window) -> Vec<u8> {
 
 /// The window index and counts of a counts value; `None` for anything else.
 pub fn decode_counts(b: &[u8]) -> Option<(u64, Window)> {
-    let (&version, rest) = b.split_first()?;
-    if version != COUNTS_VERSION {
-        return None;
-    }
-    let mut r = Cursor(rest);
+    let mut r = Reader::versioned(b, COUNTS_VERSION)?;
     let window = r.u64()?;
     let mut w = Window::default();
     for c in [&mut w.stable, &mut w.canary] {
@@ -386,27 +382,10 @@ pub fn decode_counts(b: &[u8]) -> Option<(u64, Window)> {
             errors: r.u64()?,
             ..Cohort::default()
         };
-        for _ in 0..r.take(1)?[0] {
-            let e = r.take(5)?;
-            *c.buckets.get_mut(usize::from(e[0]))? = u32::from_le_bytes([e[1], e[2], e[3], e[4]]);
+        for _ in 0..r.u8()? {
+            let i = usize::from(r.u8()?);
+            *c.buckets.get_mut(i)? = r.u32()?;
         }
     }
-    r.0.is_empty().then_some((window, w))
-}
-
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Some(head)
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8)?.try_into().ok().map(u64::from_le_bytes)
-    }
+    r.done().then_some((window, w))
 }
