@@ -1,6 +1,6 @@
 //! The command line: argument parsing and the commands.
 
-use crate::{extract, image, sync};
+use crate::{extract, image, rollout, sync};
 
 use handoff::translate::{ApiVersion, Message};
 use std::io::{Read, Write};
@@ -64,7 +64,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn usage(message: impl Into<String>) -> Failure {
+    pub fn usage(message: impl Into<String>) -> Failure {
         Failure {
             code: 2,
             message: message.into(),
@@ -75,6 +75,22 @@ impl Failure {
         Failure {
             code: 1,
             message: message.into(),
+        }
+    }
+
+    /// etcd could not be reached, refused the credentials, or answered an error.
+    pub fn etcd(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 3,
+            message: message.into(),
+        }
+    }
+
+    /// A compare-and-swap lost: someone else wrote the record between our read and write.
+    pub fn changed_underneath() -> Failure {
+        Failure {
+            code: 4,
+            message: "the record changed underneath: re-run `handoffctl rollout status`".into(),
         }
     }
 }
@@ -95,7 +111,7 @@ pub fn main() -> ExitCode {
 fn run(args: &[String]) -> Result<(), Failure> {
     let Some((command, rest)) = args.split_first() else {
         return Err(Failure::usage(
-            "missing command (check, cohort, translate, schema, image, sync); see handoffctl --help",
+            "missing command (check, cohort, translate, schema, image, sync, rollout); see handoffctl --help",
         ));
     };
     match command.as_str() {
@@ -113,6 +129,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
         "schema" => schema(rest),
         "image" => image_command(rest),
         "sync" => sync_command(rest),
+        "rollout" => rollout::command(rest),
         other => Err(Failure::usage(format!(
             "unknown command `{other}`; see handoffctl --help"
         ))),
@@ -120,15 +137,15 @@ fn run(args: &[String]) -> Result<(), Failure> {
 }
 
 /// Options of one command: `--name value` pairs and flags, plus positional arguments.
-struct Options {
+pub struct Options {
     command: &'static str,
     values: Vec<(String, String)>,
     flags: Vec<String>,
-    positional: Vec<String>,
+    pub positional: Vec<String>,
 }
 
 impl Options {
-    fn parse(
+    pub fn parse(
         command: &'static str,
         args: &[String],
         with_value: &[&str],
@@ -176,14 +193,14 @@ impl Options {
         Ok(out)
     }
 
-    fn get(&self, name: &str) -> Option<&str> {
+    pub fn get(&self, name: &str) -> Option<&str> {
         self.values
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
 
-    fn required(&self, name: &str) -> Result<&str, Failure> {
+    pub fn required(&self, name: &str) -> Result<&str, Failure> {
         self.get(name).ok_or_else(|| {
             Failure::usage(format!(
                 "{}: missing --{name}; see handoffctl --help",
@@ -192,11 +209,11 @@ impl Options {
         })
     }
 
-    fn flag(&self, name: &str) -> bool {
+    pub fn flag(&self, name: &str) -> bool {
         self.flags.iter().any(|f| f == name)
     }
 
-    fn no_positional(&self) -> Result<(), Failure> {
+    pub fn no_positional(&self) -> Result<(), Failure> {
         match self.positional.first() {
             Some(p) => Err(Failure::usage(format!(
                 "{}: unexpected argument `{p}`; see handoffctl --help",
