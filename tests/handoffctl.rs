@@ -72,11 +72,17 @@ fn help_lists_every_command_and_the_exit_codes() {
             "0  success",
             "1  invalid configuration or input",
             "2  usage error",
+            "rollout status      --etcd URL --salt S",
+            "rollout set-percent PERCENT",
+            "3  rollout: etcd unreachable",
+            "4  rollout: the record changed underneath",
         ] {
             assert!(out.contains(needle), "--help lacks {needle:?}");
         }
     }
     expect(&run(&["cohort", "--help"]), 0);
+    expect(&run(&["rollout", "--help"]), 0);
+    expect(&run(&["rollout", "abort", "--help"]), 0);
     let o = run(&["--version"]);
     expect(&o, 0);
     assert!(stdout(&o).starts_with("handoffctl "));

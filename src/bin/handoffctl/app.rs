@@ -45,6 +45,22 @@ USAGE:
       `match: [{mode: CLIENT}]`, --server (default envoy/server-side.yaml) for SERVER. Only
       the pluginConfig blocks are rewritten (what `make istio-sync` runs).
 
+  handoffctl rollout status      --etcd URL --salt S [--prefix P] [--json] [CONNECTION]
+  handoffctl rollout abort       --etcd URL --salt S [--prefix P] [--reason TEXT] [CONNECTION]
+  handoffctl rollout resume      --etcd URL --salt S [--prefix P] [CONNECTION]
+  handoffctl rollout set-percent PERCENT --etcd URL --salt S [--prefix P] [CONNECTION]
+      Fleet rollout control: read or change the rollout record at PREFIX SALT (prefix
+      default /handoff/rollout/, salt: the canary.salt of the configuration) through etcd's
+      v3 JSON gateway at URL. status prints the record (state, percent, when, by whom, why)
+      and the last fleet window per cohort (--json: the stored record, key and revision);
+      with no record, the fleet is active at the configured percent. abort sends every user
+      to stable; resume brings the cohorts back (a no-op when active); set-percent replaces
+      the configured percent (0 to 100) without a configuration push. Every change is a
+      compare-and-swap on the revision read: a record changed meanwhile is never overwritten.
+      CONNECTION: --cacert FILE (PEM CA for an https:// URL), --cert FILE --key FILE (PEM
+      client certificate), --user NAME[:PASSWORD] (etcd authentication; the password from
+      $HANDOFF_ETCD_PASSWORD when not given).
+
   handoffctl help | --help | -h      this text
   handoffctl --version | -V          the version
 
@@ -54,6 +70,10 @@ EXIT CODES:
      one line on stderr
   2  usage error (unknown command or option, missing or malformed argument); one line on
      stderr
+  3  rollout: etcd unreachable, refused the credentials, or answered an error; one line on
+     stderr
+  4  rollout: the record changed underneath (compare-and-swap lost): re-run
+     `handoffctl rollout status` and decide again
 ";
 
 /// A failure: the exit code and the one line printed on stderr.

@@ -6,12 +6,10 @@
 
 use crate::app::{Failure, Options};
 use crate::gateway::{Gateway, Settings};
-use handoff::etcd::{self, Compare, Kv, Op, Txn};
-use provisional as record;
-use record::{Record, State};
+use handoff::guard::quantile_label;
+use handoff::rollout::record::{self, FleetWindow, Read, Record, State, Written, DEFAULT_PREFIX};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const DEFAULT_PREFIX: &str = "/handoff/rollout/";
 /// Who the records written here name as their author.
 const BY: &str = "handoffctl";
 
@@ -74,54 +72,75 @@ pub fn command(args: &[String]) -> Result<(), Failure> {
         user: opts.get("user"),
     };
     let gateway = Gateway::connect(&settings)?;
+    let read = gateway.call(&record::read(prefix, salt), record::parse_read)?;
     let key = record::record_key(prefix, salt);
-    let found = read(&gateway, &key)?;
-    match sub.as_str() {
-        "status" => status(&key, found.as_ref(), opts.flag("json")),
+    let now = now_ms();
+    let next = match sub.as_str() {
+        "status" => return status(&gateway, &key, &read, opts.flag("json")),
         "abort" => {
             let reason = opts.get("reason").unwrap_or("aborted with handoffctl");
-            let mut r = found.as_ref().map_or_else(Record::default, |f| f.1.clone());
-            r.state = State::Aborted;
-            r.reason = reason.to_string();
-            write(&gateway, &key, found.as_ref(), r)?;
-            println!("aborted: every Envoy sends every user to stable within its poll_ms");
-            Ok(())
+            // An emergency brake works even over a value no reader understands (the Envoys
+            // keep what they had while it is there); the write still compares its revision.
+            let current = read.in_force().unwrap_or_else(Record::absent);
+            current.aborted(now, BY, reason)
         }
         "resume" => {
-            let Some((kv, current)) = found.as_ref().filter(|(_, r)| r.state == State::Aborted)
-            else {
+            let current = in_force(&key, &read)?;
+            if current.state == State::Active {
                 println!("already active: nothing to do");
                 return Ok(());
-            };
-            let mut r = current.clone();
-            r.state = State::Active;
-            r.reason = "resumed with handoffctl".to_string();
-            write(&gateway, &key, Some(&(kv.clone(), current.clone())), r)?;
-            println!("resumed: the cohorts are back as they were before the abort");
-            Ok(())
-        }
-        _ => {
-            let percent = percent.unwrap_or_default();
-            let mut r = found.as_ref().map_or_else(Record::default, |f| f.1.clone());
-            r.percent = Some(percent);
-            r.reason = format!("percent set to {percent} with handoffctl");
-            let aborted = r.state == State::Aborted;
-            write(&gateway, &key, found.as_ref(), r)?;
-            if aborted {
-                println!(
-                    "percent: {percent} (the rollout is aborted: everyone stays on stable until `handoffctl rollout resume`)"
-                );
-            } else {
-                println!("percent: {percent}");
             }
-            Ok(())
+            current.resumed(now, BY)
         }
+        _ => in_force(&key, &read)?.with_percent(percent.unwrap_or_default(), now, BY),
+    };
+    let written = gateway.call(
+        &record::write(prefix, salt, &next, read.revision),
+        record::parse_write,
+    )?;
+    if let Written::Lost(_) = written {
+        return Err(Failure::changed_underneath());
+    }
+    match (sub.as_str(), next.state) {
+        ("abort", _) => println!("aborted: every Envoy sends every user to stable within its poll_ms"),
+        ("resume", _) => println!("resumed: every Envoy is back to the cohorts it had before the abort"),
+        (_, State::Aborted) => println!(
+            "percent: {} (the rollout is aborted: everyone stays on stable until `handoffctl rollout resume`)",
+            percent_text(next.percent)
+        ),
+        _ => println!("percent: {}", percent_text(next.percent)),
+    }
+    Ok(())
+}
+
+/// The record a change starts from; a value that is not a record is not overwritten.
+fn in_force(key: &str, read: &Read) -> Result<Record, Failure> {
+    match &read.record {
+        None => Ok(Record::absent()),
+        Some(Ok(r)) => Ok(r.clone()),
+        Some(Err(e)) => Err(Failure::invalid(format!(
+            "{key} holds a value that is not a rollout record ({e}): fix or delete it, or `handoffctl rollout abort` to replace it"
+        ))),
     }
 }
 
-fn parse_percent(p: &str) -> Result<f64, Failure> {
+/// A percent in hundredths as text: `30`, `12.5`; `configured` when the record has none.
+fn percent_text(hundredths: Option<u32>) -> String {
+    match hundredths {
+        None => "configured".to_string(),
+        Some(h) if h % 100 == 0 => (h / 100).to_string(),
+        Some(h) => format!(
+            "{}.{}",
+            h / 100,
+            format!("{:02}", h % 100).trim_end_matches('0')
+        ),
+    }
+}
+
+/// PERCENT in hundredths, rounded as the configuration's `canary.percent` is.
+fn parse_percent(p: &str) -> Result<u32, Failure> {
     match p.parse::<f64>() {
-        Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
+        Ok(v) if (0.0..=100.0).contains(&v) => Ok(handoff::canary::threshold(v)),
         _ => Err(Failure::usage(format!(
             "rollout set-percent: PERCENT must be a number from 0 to 100, got `{p}`"
         ))),
@@ -134,74 +153,87 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The record and the key's revisions, `None` when there is no record.
-fn read(gateway: &Gateway, key: &str) -> Result<Option<(Kv, Record)>, Failure> {
-    let Some(kv) = gateway.call(&etcd::range(key), etcd::parse_range)? else {
-        return Ok(None);
-    };
-    let record = record::decode(&kv.value).ok_or_else(|| {
-        Failure::invalid(format!(
-            "{key} does not hold a rollout record: {}",
-            String::from_utf8_lossy(&kv.value[..kv.value.len().min(120)])
-        ))
-    })?;
-    Ok(Some((kv, record)))
-}
-
-/// Writes `next` if the key is still at the revision `read` saw (absent when `read` is
-/// `None`), stamped now and by handoffctl.
-fn write(
-    gateway: &Gateway,
-    key: &str,
-    read: Option<&(Kv, Record)>,
-    mut next: Record,
-) -> Result<(), Failure> {
-    next.updated_ms = now_ms();
-    next.by = BY.to_string();
-    let value = record::encode(&next);
-    let compare = match read {
-        Some((kv, _)) => Compare::ModRevision(key, kv.mod_revision),
-        None => Compare::Absent(key),
-    };
-    let put = Op::Put {
-        key,
-        value: &value,
-        lease: None,
-    };
-    match gateway.call(&etcd::txn(&[compare], &[put], &[]), etcd::parse_txn)? {
-        Txn::Succeeded { .. } => Ok(()),
-        Txn::Failed { .. } => Err(Failure::changed_underneath()),
-    }
-}
-
-fn status(key: &str, found: Option<&(Kv, Record)>, json: bool) -> Result<(), Failure> {
+fn status(gateway: &Gateway, key: &str, read: &Read, json: bool) -> Result<(), Failure> {
     if json {
-        let out = match found {
-            Some((kv, _)) => {
-                let stored: serde_json::Value =
-                    serde_json::from_slice(&kv.value).unwrap_or(serde_json::Value::Null);
-                serde_json::json!({"key": key, "mod_revision": kv.mod_revision, "record": stored})
-            }
-            None => serde_json::json!({"key": key, "record": null}),
-        };
-        println!("{out}");
-        return Ok(());
+        return status_json(gateway, key, read);
     }
-    let Some((_, r)) = found else {
-        println!("no record: active at the configured percent");
-        return Ok(());
+    let r = match &read.record {
+        None => {
+            println!("no record: active at the configured percent");
+            return Ok(());
+        }
+        Some(Ok(r)) => r,
+        Some(Err(_)) => return in_force(key, read).map(|_| ()),
     };
     println!("state: {}", r.state.as_str());
-    match r.percent {
-        Some(p) => println!("percent: {p}"),
-        None => println!("percent: configured"),
-    }
+    println!("percent: {}", percent_text(r.percent));
     println!("updated: {}", utc(r.updated_ms));
-    println!("by: {}", r.by);
-    if !r.reason.is_empty() {
-        println!("reason: {}", r.reason);
+    println!("by: {}", if r.by.is_empty() { "-" } else { &r.by });
+    println!(
+        "reason: {}",
+        if r.reason.is_empty() { "-" } else { &r.reason }
+    );
+    if let Some(w) = &r.window {
+        print!("{}", window_table(w));
     }
     Ok(())
+}
+
+/// The record as stored, with its key and revision, for scripts (`record` is null when there
+/// is none).
+fn status_json(gateway: &Gateway, key: &str, read: &Read) -> Result<(), Failure> {
+    let stored = match read.record {
+        None => serde_json::Value::Null,
+        // Read again for the raw value: unknown keys a newer writer added are shown too.
+        Some(_) => {
+            let kv = gateway.call(&handoff::etcd::range(key), handoff::etcd::parse_range)?;
+            kv.and_then(|kv| serde_json::from_slice(&kv.value).ok())
+                .unwrap_or(serde_json::Value::Null)
+        }
+    };
+    let mut out = serde_json::json!({"key": key, "record": stored});
+    if let Some(r) = read.revision {
+        out["mod_revision"] = serde_json::json!(r);
+    }
+    println!("{out}");
+    Ok(())
+}
+
+/// The last fleet window: one line of context and a row per cohort.
+fn window_table(w: &FleetWindow) -> String {
+    let q = quantile_label(f64::from(w.quantile) / 10_000.0);
+    let bad = match (w.bad_errors, w.bad_latency) {
+        (true, true) => " (errors and latency)",
+        (true, false) => " (errors)",
+        (false, true) => " (latency)",
+        (false, false) => "",
+    };
+    let mut out = format!(
+        "fleet window {} ({} s, {} Envoys, bad windows in a row: {}{bad})\n",
+        w.window, w.window_s, w.envoys, w.bad_windows
+    );
+    out.push_str(&format!(
+        "  {:<8} {:>10} {:>8} {:>10} {:>12}\n",
+        "cohort",
+        "requests",
+        "errors",
+        "error rate",
+        format!("{q} (ms)")
+    ));
+    for (name, f) in [("stable", &w.stable), ("canary", &w.canary)] {
+        let rate = if f.requests == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.2}%", 100.0 * f.errors as f64 / f.requests as f64)
+        };
+        out.push_str(&format!(
+            "  {name:<8} {:>10} {:>8} {rate:>10} {:>12}\n",
+            f.requests,
+            f.errors,
+            format!("{:.1}", f.quantile_us as f64 / 1000.0)
+        ));
+    }
+    out
 }
 
 /// `updated_ms` as an RFC 3339 UTC time (the number itself when it is out of range).
@@ -216,54 +248,5 @@ fn utc(ms: u64) -> String {
     match formatted {
         Some(t) => format!("{t} ({ms} ms)"),
         None => format!("{ms} ms"),
-    }
-}
-
-/// A stand-in for the library's record module until it lands.
-mod provisional {
-    use serde::{Deserialize, Serialize};
-
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-    #[serde(rename_all = "lowercase")]
-    pub enum State {
-        #[default]
-        Active,
-        Aborted,
-    }
-
-    impl State {
-        pub fn as_str(self) -> &'static str {
-            match self {
-                State::Active => "active",
-                State::Aborted => "aborted",
-            }
-        }
-    }
-
-    #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-    pub struct Record {
-        pub state: State,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pub percent: Option<f64>,
-        #[serde(default)]
-        pub updated_ms: u64,
-        #[serde(default)]
-        pub by: String,
-        #[serde(default)]
-        pub reason: String,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pub window: Option<serde_json::Value>,
-    }
-
-    pub fn record_key(prefix: &str, salt: &str) -> String {
-        format!("{prefix}{salt}")
-    }
-
-    pub fn encode(r: &Record) -> Vec<u8> {
-        serde_json::to_vec(r).unwrap_or_default()
-    }
-
-    pub fn decode(b: &[u8]) -> Option<Record> {
-        serde_json::from_slice(b).ok()
     }
 }
