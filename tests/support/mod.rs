@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub mod backend;
+pub mod cli;
 pub mod client;
 pub mod drain;
 pub mod etcd;

@@ -108,11 +108,12 @@ impl Gateway {
             status: Some(status),
             body: &body,
         })
-        .map_err(|e| self.refused(e))
+        .map_err(|e| self.refused(e, &body))
     }
 
-    /// The one line for an etcd error answer.
-    fn refused(&self, e: etcd::Error) -> Failure {
+    /// The one line for an etcd error answer (`body`: the answer, for errors etcd writes as
+    /// plain text).
+    fn refused(&self, e: etcd::Error, body: &[u8]) -> Failure {
         let base = &self.base;
         match e {
             etcd::Error::Server { message, .. } if message.contains("user name is empty") => {
@@ -128,7 +129,7 @@ impl Gateway {
             etcd::Error::Server {
                 status, message, ..
             } if message.is_empty() => {
-                Failure::etcd(format!("etcd at {base} answered status {status}"))
+                Failure::etcd(format!("etcd at {base} answered {}", plain(status, body)))
             }
             etcd::Error::Server { message, .. } => {
                 Failure::etcd(format!("etcd at {base} refused: {message}"))
@@ -173,13 +174,25 @@ impl Gateway {
                     .as_ref()
                     .and_then(|v| v.get("message").or_else(|| v.get("error")))
                     .and_then(|m| m.as_str())
-                    .map_or_else(|| format!("status {status}"), str::to_string);
+                    .map_or_else(|| plain(status, &answer), str::to_string);
                 Err(Failure::etcd(format!(
                     "etcd at {} refused user `{name}`: {message}",
                     self.base
                 )))
             }
         }
+    }
+}
+
+/// An answer that is not etcd's JSON (the gateway writes some errors as plain text): its
+/// status and first 200 bytes on one line.
+fn plain(status: u16, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if text.is_empty() {
+        format!("status {status}")
+    } else {
+        format!("status {status}: {text}")
     }
 }
 
