@@ -131,6 +131,24 @@ pub fn range(key: &str) -> Request {
     }
 }
 
+/// Reads every key that starts with `prefix` (read with [`parse_range_all`]).
+pub fn range_prefix(prefix: &str) -> Request {
+    let mut end = prefix.as_bytes().to_vec();
+    // The first key past the prefix: its last byte + 1 (a prefix ends in '/' here, never 0xff).
+    if let Some(last) = end.last_mut() {
+        *last = last.saturating_add(1);
+    }
+    Request {
+        path: RANGE,
+        body: format!(
+            r#"{{{},"range_end":"{}"}}"#,
+            key_field(prefix),
+            b64_encode(&end)
+        )
+        .into_bytes(),
+    }
+}
+
 /// Writes one key unconditionally (read with [`parse_ok`]).
 pub fn put(key: &str, value: &[u8], lease: Option<i64>) -> Request {
     Request {
@@ -285,6 +303,25 @@ fn first_kv(body: &str) -> Result<Option<Kv>, Error> {
     }))
 }
 
+/// Every key of a range response. Each object of `kvs` is cut out by its braces: nothing in
+/// one (numbers and base64) holds a brace.
+fn all_kvs(body: &str) -> Result<Vec<Kv>, Error> {
+    let Some(list) = field(body, "kvs") else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let mut rest = list.strip_prefix('[').ok_or(Error::Malformed)?;
+    while let Some(open) = rest.find(['{', ']']) {
+        if rest[open..].starts_with(']') {
+            return Ok(out);
+        }
+        let close = rest[open..].find('}').ok_or(Error::Malformed)? + open;
+        out.extend(first_kv(&format!(r#"{{"kvs":{}}}"#, &rest[open..=close]))?);
+        rest = &rest[close + 1..];
+    }
+    Err(Error::Malformed)
+}
+
 /// A transaction's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Txn {
@@ -308,6 +345,17 @@ pub fn parse_txn(a: &Answer) -> Result<Txn, Error> {
 
 pub fn parse_range(a: &Answer) -> Result<Option<Kv>, Error> {
     first_kv(ok_body(a)?)
+}
+
+pub fn parse_range_all(a: &Answer) -> Result<Vec<Kv>, Error> {
+    all_kvs(ok_body(a)?)
+}
+
+/// A transaction whose branches both read one key: whether the compares held, and that key.
+pub fn parse_txn_range(a: &Answer) -> Result<(bool, Option<Kv>), Error> {
+    let body = ok_body(a)?;
+    let succeeded = field(body, "succeeded").is_some_and(|v| v.starts_with("true"));
+    Ok((succeeded, first_kv(body)?))
 }
 
 /// A granted lease.

@@ -198,3 +198,112 @@ proptest! {
         let _ = Record::decode(s.as_bytes());
     }
 }
+
+mod control {
+    use crate::canary::{Assignment, Reason, Variant};
+    use crate::rollout::{poller, Control};
+    use crate::shared::Step;
+
+    fn hashed(bucket: u32, threshold: u32) -> Assignment {
+        Assignment {
+            variant: if bucket < threshold {
+                Variant::Canary
+            } else {
+                Variant::Stable
+            },
+            reason: Reason::Hash,
+            bucket: Some(bucket),
+            set_cookie: None,
+            override_rejected: false,
+        }
+    }
+
+    #[test]
+    fn a_percent_moves_users_one_way_only() {
+        let up = Control {
+            aborted: false,
+            threshold: Some(3000),
+        };
+        let down = Control {
+            aborted: false,
+            threshold: Some(500),
+        };
+        for b in (0..10_000).step_by(7) {
+            let before = hashed(b, 1000);
+            let raised = up.apply(before.clone());
+            let lowered = down.apply(before.clone());
+            if before.variant == Variant::Canary {
+                assert_eq!(raised.variant, Variant::Canary, "{b}");
+            } else {
+                assert_eq!(lowered.variant, Variant::Stable, "{b}");
+            }
+            assert_eq!(raised.variant == Variant::Canary, b < 3000);
+        }
+    }
+
+    #[test]
+    fn an_abort_is_the_guards_and_explicit_choices_stay() {
+        let abort = Control {
+            aborted: true,
+            threshold: Some(10_000),
+        };
+        let a = abort.apply(hashed(1, 5000));
+        assert_eq!((a.variant, a.reason), (Variant::Stable, Reason::Aborted));
+        let all = Control {
+            aborted: false,
+            threshold: Some(10_000),
+        };
+        for reason in [Reason::Deny, Reason::Override, Reason::Unidentified] {
+            let a = Assignment {
+                reason,
+                variant: Variant::Stable,
+                ..hashed(1, 0)
+            };
+            assert_eq!(all.apply(a).variant, Variant::Stable, "{reason:?}");
+        }
+        assert_eq!(Control::default().apply(hashed(1, 5000)), hashed(1, 5000));
+    }
+
+    #[test]
+    fn control_reads_back() {
+        for c in [
+            Control::default(),
+            Control {
+                aborted: true,
+                threshold: Some(3000),
+            },
+            Control {
+                aborted: false,
+                threshold: Some(0),
+            },
+        ] {
+            assert_eq!(Control::decode(&c.encode()), Some(c));
+        }
+        assert_eq!(Control::decode(&[1, 2]), None);
+        assert_eq!(Control::decode(&[1, 0, 1]), None);
+        assert_eq!(Control::decode(&[]), None);
+    }
+
+    #[test]
+    fn one_poller_until_its_hold_lapses() {
+        let Step::Write(mine, true) = poller(None, 1, 1000, 500) else {
+            panic!("free")
+        };
+        assert!(matches!(
+            poller(Some(&mine), 2, 1400, 500),
+            Step::Keep(false)
+        ));
+        assert!(matches!(
+            poller(Some(&mine), 1, 1400, 500),
+            Step::Write(_, true)
+        ));
+        assert!(matches!(
+            poller(Some(&mine), 2, 1500, 500),
+            Step::Write(_, true)
+        ));
+        assert!(matches!(
+            poller(Some(b"junk"), 2, 0, 500),
+            Step::Write(_, true)
+        ));
+    }
+}
