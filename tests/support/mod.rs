@@ -19,6 +19,7 @@ pub mod client;
 pub mod drain;
 pub mod etcd;
 pub mod lds;
+pub mod pki;
 pub mod tokens;
 pub use backend::Backend;
 #[allow(unused_imports)]
