@@ -58,7 +58,11 @@ impl Config {
                 Some(g) => format!(" guarded ({} s windows)", g.window_s),
                 None => String::new(),
             };
-            on.push(format!("canary {}%{guard}", percent(c.threshold)));
+            let control = match &c.control {
+                Some(e) => format!(", fleet control on etcd cluster {:?}", e.cluster),
+                None => String::new(),
+            };
+            on.push(format!("canary {}%{guard}{control}", percent(c.threshold)));
         }
         if let Some(t) = &self.translate {
             on.push(format!("translate {} route(s)", t.routes.len()));

@@ -307,3 +307,61 @@ mod control {
         ));
     }
 }
+
+mod config {
+    use crate::config::Config;
+    use serde_json::{json, Value};
+
+    fn with_control(etcd: Value) -> Result<Config, String> {
+        let v = json!({"canary": {"salt": "s", "percent": 10, "user_id": [{"header": "x-user-id"}],
+            "control": {"etcd": etcd}}});
+        Config::parse(v.to_string().as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = with_control(json!({"cluster": "etcd", "authority": "etcd.local"})).unwrap();
+        let e = c.canary.unwrap().control.unwrap();
+        assert_eq!(e.prefix, "/handoff/rollout/");
+        assert_eq!((e.poll_ms, e.timeout_ms, e.lease_ttl_s), (1000, 250, 10));
+        assert_eq!(e.authority, "etcd.local");
+    }
+
+    #[test]
+    fn each_rejection_names_its_field() {
+        let base = json!({"cluster": "etcd", "authority": "etcd"});
+        for (key, bad) in [
+            ("cluster", json!("")),
+            ("authority", json!("")),
+            ("prefix", json!("/no-slash")),
+            ("prefix", json!("rel/")),
+            ("poll_ms", json!(99)),
+            ("poll_ms", json!(60_001)),
+            ("timeout_ms", json!(0)),
+            ("timeout_ms", json!(1000)),
+            ("lease_ttl_s", json!(1)),
+            ("lease_ttl_s", json!(301)),
+            ("poll_ms", json!("1s")),
+            ("extra", json!(1)),
+        ] {
+            let mut etcd = base.clone();
+            etcd[key] = bad.clone();
+            let e = with_control(etcd).unwrap_err();
+            let path = if key == "extra" {
+                "canary.control.etcd".to_string()
+            } else {
+                format!("canary.control.etcd.{key}")
+            };
+            assert!(e.contains(&path), "{key}={bad}: {e}");
+        }
+        for missing in ["cluster", "authority"] {
+            let mut etcd = base.clone();
+            etcd.as_object_mut().unwrap().remove(missing);
+            let e = with_control(etcd).unwrap_err();
+            assert!(
+                e.contains("canary.control.etcd") && e.contains(missing),
+                "{e}"
+            );
+        }
+    }
+}
