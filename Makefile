@@ -30,7 +30,7 @@ WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/"
 export ENVOY_BIN := $(abspath $(ENVOY))
 
 .PHONY: help setup rust-targets envoy apt-tools wasm-bindgen build test lint unit validate \
-        wasm-test docs-test e2e ws-peers run clean image istio-sync istio-test image-test \
+        wasm-test docs-test control-test e2e ws-peers run clean image istio-sync istio-test image-test \
         bench bench-quick bench-profile bench-deps bench-noop \
         tools deny fuzz fuzz-smoke rollout rollout-small drain-clients drain-clients-deps
 
@@ -93,7 +93,7 @@ build: rust-targets $(WASM_OPT)
 	@ls -l $(WASM) | awk '{printf "built %s (%d bytes)\n", $$9, $$5}'
 
 test: setup build lint unit validate docs-test deny istio-test image-test wasm-test e2e \
-      rollout-small fuzz-smoke
+      control-test rollout-small fuzz-smoke
 
 lint:
 	cargo fmt --all -- --check
@@ -157,6 +157,11 @@ wasm-test:
 ws-peers: envoy
 	@$(VENV)/bin/python -c 'import websockets' 2>/dev/null || \
 	  $(VENV)/bin/pip install --quiet --disable-pip-version-check 'websockets>=14'
+
+# Fleet rollout control on a real etcd: handoffctl rollout (auth, TLS, compare-and-swap) and
+# the 200-Envoy simulation of the filter's own control flow (about 30 s).
+control-test: apt-tools
+	cargo test --test handoffctl_rollout --test rollout_fleet_sim -- --nocapture
 
 e2e: build ws-peers
 	@# `cargo test --test X` does not build examples; the e2e upstream is one.

@@ -84,6 +84,8 @@ pub struct Canary {
     pub response_header: bool,
     /// Judges the canary against stable and aborts it on a regression.
     pub guard: Option<Guard>,
+    /// The fleet's rollout record in etcd (abort, resume, percent).
+    pub control: Option<crate::rollout::EtcdControl>,
 }
 
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@ pub mod guard;
 pub mod idempotency;
 pub mod json;
 pub mod problem;
+pub mod rollout;
 pub mod shared;
 pub mod source;
 pub mod translate;

@@ -1,7 +1,10 @@
 //! `handoffctl`, run as a binary: what it prints, on which stream, with which exit code.
 
+#[path = "support/cli.rs"]
+mod cli;
 mod manifests;
 
+use cli::{expect, stderr, stdout};
 use handoff::canary;
 use handoff::config::Config;
 use manifests::repo;
@@ -23,30 +26,6 @@ fn run_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
         .unwrap();
     child.stdin.take().unwrap().write_all(stdin).unwrap();
     child.wait_with_output().unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8(o.stderr.clone()).unwrap()
-}
-
-/// Exit code `code`, and (for failures) exactly one line on stderr.
-fn expect(o: &Output, code: i32) {
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "stdout: {}\nstderr: {}",
-        stdout(o),
-        stderr(o)
-    );
-    if code != 0 {
-        let err = stderr(o);
-        assert_eq!(err.lines().count(), 1, "one line on stderr: {err:?}");
-        assert!(err.starts_with("handoffctl: "), "{err}");
-    }
 }
 
 fn temp_file(name: &str, content: &str) -> (tempfile::TempDir, String) {
@@ -72,11 +51,17 @@ fn help_lists_every_command_and_the_exit_codes() {
             "0  success",
             "1  invalid configuration or input",
             "2  usage error",
+            "rollout status      --etcd URL --salt S",
+            "rollout set-percent PERCENT",
+            "3  rollout: etcd unreachable",
+            "4  rollout: the record changed underneath",
         ] {
             assert!(out.contains(needle), "--help lacks {needle:?}");
         }
     }
     expect(&run(&["cohort", "--help"]), 0);
+    expect(&run(&["rollout", "--help"]), 0);
+    expect(&run(&["rollout", "abort", "--help"]), 0);
     let o = run(&["--version"]);
     expect(&o, 0);
     assert!(stdout(&o).starts_with("handoffctl "));

@@ -1,5 +1,6 @@
 //! Idempotency parsers with arbitrary bytes: the key parser (an accepted key is 1..=max
-//! visible ASCII), the stored-record decoder and every etcd gateway answer parser.
+//! visible ASCII), the stored-record decoder, every etcd gateway answer parser and the rollout
+//! record and counts decoders (they read values any etcd client may have written).
 #![no_main]
 
 use handoff::etcd::{self, Answer};
@@ -21,6 +22,10 @@ fuzz_target!(|input: (&[u8], u8, u16)| {
     let _ = etcd::parse_lease_grant(&answer);
     let _ = etcd::parse_keepalive(&answer);
     let _ = etcd::parse_ok(&answer);
+    let _ = etcd::parse_range_all(&answer);
+    let _ = etcd::parse_txn_range(&answer);
+    let _ = handoff::rollout::record::Record::decode(data);
+    let _ = handoff::rollout::record::decode_counts(data);
     if let Ok(text) = std::str::from_utf8(data) {
         if let Some(bytes) = etcd::b64_decode(text) {
             assert_eq!(etcd::b64_decode(&etcd::b64_encode(&bytes)), Some(bytes));

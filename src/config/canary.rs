@@ -10,6 +10,7 @@ use super::source;
 use super::walk::{boolean, float, object, seq, string, strings, u32_, u64_};
 use crate::canary::{threshold, AnonymousCookie, Canary, Override};
 use crate::guard::{Guard, LatencyRule, DEFAULT_ADMIN_PATH};
+use crate::rollout::EtcdControl;
 use crate::source::{Source, MAX_VALUE_LEN};
 
 #[derive(Debug, Deserialize)]
@@ -33,6 +34,8 @@ pub struct RawCanary {
     pub response_header: bool,
     /// Judges the canary against stable and aborts it on a regression.
     pub guard: Option<RawGuard>,
+    /// Fleet-wide control: a rollout record in etcd that every Envoy obeys.
+    pub control: Option<RawControl>,
 }
 
 fn default_route_header() -> String {
@@ -82,6 +85,7 @@ pub(super) fn walk(v: &Value) -> Result<RawCanary, ConfigError> {
         }),
         response_header: o.or("response_header", boolean, bool::default),
         guard: o.opt("guard", guard_walk),
+        control: o.opt("control", control_walk),
     })
 }
 
@@ -123,6 +127,10 @@ impl RawCanary {
             .guard
             .map(|g| g.validate().map_err(|e| e.within("guard")))
             .transpose()?;
+        let control = self
+            .control
+            .map(|c| c.etcd.validate().map_err(|e| e.within("control.etcd")))
+            .transpose()?;
         Ok(Canary {
             salt: self.salt,
             percent: p,
@@ -135,6 +143,7 @@ impl RawCanary {
             override_,
             response_header: self.response_header,
             guard,
+            control,
         })
     }
 }
@@ -371,5 +380,113 @@ impl RawGuardAdmin {
             token_sha256: self.token_sha256,
         };
         same.validate()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `canary.control`: the rollout record in etcd (`crate::rollout`)
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawControl {
+    pub etcd: RawEtcdControl,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcdControl {
+    /// The Envoy cluster that reaches etcd's JSON gateway.
+    pub cluster: String,
+    /// `:authority` of the requests to etcd.
+    pub authority: String,
+    /// Key prefix; the record is `<prefix><salt>` (default `/handoff/rollout/`).
+    #[serde(default = "default_control_prefix")]
+    pub prefix: String,
+    /// How often each Envoy reads the record (default 1000).
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    /// Per-request timeout, below `poll_ms` (default 250).
+    #[serde(default = "default_control_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The TTL of each Envoy's lease: its counts and, for the judge, the leader key (default
+    /// 10).
+    #[serde(default = "default_lease_ttl_s")]
+    pub lease_ttl_s: u64,
+}
+
+fn default_control_prefix() -> String {
+    crate::rollout::record::DEFAULT_PREFIX.to_string()
+}
+fn default_poll_ms() -> u64 {
+    1000
+}
+fn default_control_timeout_ms() -> u64 {
+    250
+}
+fn default_lease_ttl_s() -> u64 {
+    10
+}
+
+fn control_walk(v: &Value) -> Result<RawControl, ConfigError> {
+    object(v, "RawControl", |o| RawControl {
+        etcd: o.req("etcd", |v| {
+            object(v, "RawEtcdControl", |o| RawEtcdControl {
+                cluster: o.req("cluster", string),
+                authority: o.req("authority", string),
+                prefix: o.or("prefix", string, default_control_prefix),
+                poll_ms: o.or("poll_ms", u64_, default_poll_ms),
+                timeout_ms: o.or("timeout_ms", u64_, default_control_timeout_ms),
+                lease_ttl_s: o.or("lease_ttl_s", u64_, default_lease_ttl_s),
+            })
+        }),
+    })
+}
+
+impl RawEtcdControl {
+    pub fn validate(self) -> Result<EtcdControl, ConfigError> {
+        if self.cluster.is_empty() {
+            return Err(ConfigError::new(
+                "cluster",
+                "expected the name of the Envoy cluster that reaches etcd",
+            ));
+        }
+        if self.authority.is_empty() {
+            return Err(ConfigError::new(
+                "authority",
+                "expected a non-empty :authority for requests to etcd",
+            ));
+        }
+        let p = &self.prefix;
+        if !p.starts_with('/') || !p.ends_with('/') || p.len() > 128 {
+            return Err(ConfigError::new(
+                "prefix",
+                format!("expected a key prefix starting and ending with '/' (at most 128 bytes), got {p:?}"),
+            ));
+        }
+        if !(100..=60_000).contains(&self.poll_ms) {
+            return Err(ConfigError::new(
+                "poll_ms",
+                "expected 100 to 60000 milliseconds",
+            ));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms >= self.poll_ms {
+            return Err(ConfigError::new(
+                "timeout_ms",
+                "expected at least 1 millisecond and less than poll_ms",
+            ));
+        }
+        if !(2..=300).contains(&self.lease_ttl_s) {
+            return Err(ConfigError::new("lease_ttl_s", "expected 2 to 300 seconds"));
+        }
+        Ok(EtcdControl {
+            cluster: self.cluster,
+            authority: self.authority,
+            prefix: self.prefix,
+            poll_ms: self.poll_ms,
+            timeout_ms: self.timeout_ms,
+            lease_ttl_s: self.lease_ttl_s,
+        })
     }
 }

@@ -58,7 +58,11 @@ impl Config {
                 Some(g) => format!(" guarded ({} s windows)", g.window_s),
                 None => String::new(),
             };
-            on.push(format!("canary {}%{guard}", percent(c.threshold)));
+            let control = match &c.control {
+                Some(e) => format!(", fleet control on etcd cluster {:?}", e.cluster),
+                None => String::new(),
+            };
+            on.push(format!("canary {}%{guard}{control}", percent(c.threshold)));
         }
         if let Some(t) = &self.translate {
             on.push(format!("translate {} route(s)", t.routes.len()));
@@ -207,7 +211,7 @@ mod tests {
             e.message,
             "unknown field `persent`, expected one of `salt`, `percent`, `user_id`, \
              `route_header`, `allow`, `deny`, `anonymous_cookie`, `override`, `response_header`, \
-             `guard`"
+             `guard`, `control`"
         );
         let e = err(r#"{"canary": {"salt": "s", "user_id": [{"header": "x"}]}}"#);
         assert_eq!(

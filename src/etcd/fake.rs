@@ -1,5 +1,5 @@
 //! An in-memory etcd that answers [`Request`]s as the JSON gateway does (the shapes checked
-//! against etcd 3.4): single-key ranges, puts, deletes, transactions with revision compares,
+//! against etcd 3.4): single-key and prefix ranges, puts, deletes, transactions with revision compares,
 //! leases. It can be taken down (no answer) or made to fail its next calls.
 
 use super::{b64_decode, b64_encode, Request};
@@ -166,8 +166,19 @@ impl FakeEtcd {
 
     fn range(&self, op: &Value) -> String {
         let key = bytes(&op["key"]);
-        match self.keys.borrow().get(&key) {
-            Some(e) => {
+        let end = bytes(&op["range_end"]);
+        let keys = self.keys.borrow();
+        let found: Vec<(&Vec<u8>, &Entry)> = if end.is_empty() {
+            keys.get_key_value(&key).into_iter().collect()
+        } else {
+            keys.range(key..end).collect()
+        };
+        if found.is_empty() {
+            return String::new();
+        }
+        let kvs: Vec<String> = found
+            .iter()
+            .map(|(k, e)| {
                 let value = if e.value.is_empty() {
                     String::new()
                 } else {
@@ -179,14 +190,14 @@ impl FakeEtcd {
                     format!(r#","lease":"{}""#, e.lease)
                 };
                 format!(
-                    r#""kvs":[{{"key":"{}","create_revision":"{}","mod_revision":"{}","version":"1"{value}{lease}}}],"count":"1""#,
-                    b64_encode(&key),
+                    r#"{{"key":"{}","create_revision":"{}","mod_revision":"{}","version":"1"{value}{lease}}}"#,
+                    b64_encode(k),
                     e.create_revision,
                     e.mod_revision
                 )
-            }
-            None => String::new(),
-        }
+            })
+            .collect();
+        format!(r#""kvs":[{}],"count":"{}""#, kvs.join(","), kvs.len())
     }
 
     fn put(&self, op: &Value) -> Result<(), Canned> {

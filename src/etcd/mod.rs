@@ -131,6 +131,24 @@ pub fn range(key: &str) -> Request {
     }
 }
 
+/// Reads every key that starts with `prefix` (read with [`parse_range_all`]).
+pub fn range_prefix(prefix: &str) -> Request {
+    let mut end = prefix.as_bytes().to_vec();
+    // The first key past the prefix: its last byte + 1 (a prefix ends in '/' here, never 0xff).
+    if let Some(last) = end.last_mut() {
+        *last = last.saturating_add(1);
+    }
+    Request {
+        path: RANGE,
+        body: format!(
+            r#"{{{},"range_end":"{}"}}"#,
+            key_field(prefix),
+            b64_encode(&end)
+        )
+        .into_bytes(),
+    }
+}
+
 /// Writes one key unconditionally (read with [`parse_ok`]).
 pub fn put(key: &str, value: &[u8], lease: Option<i64>) -> Request {
     Request {
@@ -269,20 +287,41 @@ pub struct Kv {
 
 /// The first key of a range response (`kvs` holds at most one for a single-key range).
 fn first_kv(body: &str) -> Result<Option<Kv>, Error> {
-    let Some(kvs) = field(body, "kvs") else {
-        return Ok(None);
-    };
+    field(body, "kvs").map(kv_of).transpose()
+}
+
+/// The key that `kvs` starts with.
+fn kv_of(kvs: &str) -> Result<Kv, Error> {
     // An empty value is omitted, like every default.
     let value = match string_field(kvs, "value") {
         Some(v) => b64_decode(v).ok_or(Error::Malformed)?,
         None => Vec::new(),
     };
-    Ok(Some(Kv {
+    Ok(Kv {
         value,
         create_revision: int_field(kvs, "create_revision").ok_or(Error::Malformed)?,
         mod_revision: int_field(kvs, "mod_revision").ok_or(Error::Malformed)?,
         lease: int_field(kvs, "lease").unwrap_or(0),
-    }))
+    })
+}
+
+/// Every key of a range response. Each object of `kvs` is cut out by its braces: nothing in
+/// one (numbers and base64) holds a brace.
+fn all_kvs(body: &str) -> Result<Vec<Kv>, Error> {
+    let Some(list) = field(body, "kvs") else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let mut rest = list.strip_prefix('[').ok_or(Error::Malformed)?;
+    while let Some(open) = rest.find(['{', ']']) {
+        if rest[open..].starts_with(']') {
+            return Ok(out);
+        }
+        let close = rest[open..].find('}').ok_or(Error::Malformed)? + open;
+        out.push(kv_of(&rest[open..=close])?);
+        rest = &rest[close + 1..];
+    }
+    Err(Error::Malformed)
 }
 
 /// A transaction's answer.
@@ -308,6 +347,17 @@ pub fn parse_txn(a: &Answer) -> Result<Txn, Error> {
 
 pub fn parse_range(a: &Answer) -> Result<Option<Kv>, Error> {
     first_kv(ok_body(a)?)
+}
+
+pub fn parse_range_all(a: &Answer) -> Result<Vec<Kv>, Error> {
+    all_kvs(ok_body(a)?)
+}
+
+/// A transaction whose branches both read one key: whether the compares held, and that key.
+pub fn parse_txn_range(a: &Answer) -> Result<(bool, Option<Kv>), Error> {
+    let body = ok_body(a)?;
+    let succeeded = field(body, "succeeded").is_some_and(|v| v.starts_with("true"));
+    Ok((succeeded, first_kv(body)?))
 }
 
 /// A granted lease.

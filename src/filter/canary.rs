@@ -24,6 +24,9 @@ pub fn on_request_headers(http: &mut Http) {
         }
         http.guard.start();
     }
+    if canary.control.is_some() {
+        a = http.rollout.get().apply(a);
+    }
     http.variant = Some(a.variant);
     // Always set: whatever the client sent in this header is replaced.
     http.set_http_request_header(&canary.route_header, Some(a.variant.as_str()));

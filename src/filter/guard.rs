@@ -29,7 +29,7 @@ const SLOT_PREFIX: &str = "handoff.guard.slot.";
 const STATE_PREFIX: &str = "handoff.guard.state.";
 const CAS_RETRIES: usize = 16;
 
-fn now_us() -> u64 {
+pub(super) fn now_us() -> u64 {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -242,6 +242,36 @@ pub fn on_tick(root: &mut Root) {
     local.aborted.set(state.aborted.is_some());
     root.metrics.guard_state(state.aborted.is_some());
     root.metrics.guard_counts(local.unflushed.replace([0; 4]));
+}
+
+/// The local guard's abort, when and why (its log line's description), for the fleet's
+/// rollout record.
+pub fn local_abort(config: &Config) -> Option<(u64, String)> {
+    let (g, c) = (guard_of(config)?, config.canary.as_ref()?);
+    let window = g.window_of(now_us() / 1000);
+    let a = read_state(experiment_id(&c.salt), window).aborted?;
+    Some((a.at_ms, describe(g, &a)))
+}
+
+/// Resumes the local guard: the fleet's record was resumed after the local abort.
+pub fn resume_local(root: &Root) {
+    let Some(g) = guard_of(&root.config) else {
+        return;
+    };
+    let window = g.window_of(now_us() / 1000);
+    let (s, wrote) = transition(root.guard.experiment, window, &|s| s.resume(window));
+    if wrote {
+        info!("handoff: canary guard resumed by the fleet's rollout record");
+    }
+    root.guard.local.aborted.set(s.aborted.is_some());
+    root.metrics.guard_state(s.aborted.is_some());
+}
+
+/// This Envoy's counts of `window` (its workers' slots summed), once every live worker has
+/// published them.
+pub fn window_counts(root: &Root, window: u64, now_ms: u64) -> Option<Window> {
+    let g = guard_of(&root.config)?;
+    sum_window(&read_slots(), root.guard.experiment, window, now_ms, g)
 }
 
 fn announce(root: &Root, g: &Guard, a: &crate::guard::Aborted) {

@@ -183,3 +183,44 @@ pub fn random_bytes() -> [u8; 16] {
     }
     buf
 }
+
+/// Sends one etcd gateway request from `ctx` to `cluster` (its answer comes back to that
+/// context's `on_http_call_response`).
+pub fn etcd_call(
+    ctx: &dyn proxy_wasm::traits::Context,
+    cluster: &str,
+    authority: &str,
+    timeout_ms: u64,
+    r: &crate::etcd::Request,
+) -> Result<u32, proxy_wasm::types::Status> {
+    ctx.dispatch_http_call(
+        cluster,
+        vec![
+            (":method", "POST"),
+            (":path", r.path),
+            (":authority", authority),
+            ("content-type", "application/json"),
+        ],
+        Some(&r.body),
+        vec![],
+        std::time::Duration::from_millis(timeout_ms),
+    )
+}
+
+/// The answer to a callout: no headers means it failed or timed out.
+pub fn call_answer(
+    ctx: &dyn proxy_wasm::traits::Context,
+    num_headers: usize,
+    body_size: usize,
+) -> (Option<u16>, Vec<u8>) {
+    if num_headers == 0 {
+        return (None, Vec::new());
+    }
+    let status = ctx
+        .get_http_call_response_header(":status")
+        .and_then(|s| s.parse().ok());
+    let body = ctx
+        .get_http_call_response_body(0, body_size)
+        .unwrap_or_default();
+    (status, body)
+}

@@ -22,9 +22,9 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::{Cell, RefCell};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
-use super::host::{random_bytes, HostRequest};
+use super::host::{call_answer, etcd_call, random_bytes, HostRequest};
 use super::metrics::Metrics;
 use super::shared::HostShared;
 use super::{Http, Root};
@@ -169,19 +169,7 @@ fn store_tag(config: &Config) -> String {
 
 /// Sends one etcd request from `ctx` (its answer comes back to that context).
 fn dispatch(ctx: &dyn Context, store: &EtcdStore, r: &Request) -> Option<u32> {
-    let sent = ctx.dispatch_http_call(
-        store.cluster,
-        vec![
-            (":method", "POST"),
-            (":path", r.path),
-            (":authority", store.authority),
-            ("content-type", "application/json"),
-        ],
-        Some(&r.body),
-        vec![],
-        Duration::from_millis(store.timeout_ms),
-    );
-    match sent {
+    match etcd_call(ctx, store.cluster, store.authority, store.timeout_ms, r) {
         Ok(token) => Some(token),
         Err(e) => {
             warn!(
@@ -191,20 +179,6 @@ fn dispatch(ctx: &dyn Context, store: &EtcdStore, r: &Request) -> Option<u32> {
             None
         }
     }
-}
-
-/// The answer to a callout: no headers means it failed or timed out.
-fn read_answer(ctx: &dyn Context, num_headers: usize, body_size: usize) -> (Option<u16>, Vec<u8>) {
-    if num_headers == 0 {
-        return (None, Vec::new());
-    }
-    let status = ctx
-        .get_http_call_response_header(":status")
-        .and_then(|s| s.parse().ok());
-    let body = ctx
-        .get_http_call_response_body(0, body_size)
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// After a configuration is accepted: creates the local store's creation guard (once per
@@ -318,7 +292,7 @@ fn queued_answer(root: &Root, metrics: &Metrics, token: u32, num_headers: usize,
     if !ours {
         return;
     }
-    let (status, body) = read_answer(root, num_headers, body_size);
+    let (status, body) = call_answer(root, num_headers, body_size);
     let answer = Answer {
         status,
         body: &body,
@@ -639,7 +613,7 @@ pub fn on_http_call_response(http: &mut Http, token: u32, num_headers: usize, bo
     let Some(store) = config.idempotency.as_ref().and_then(etcd_store) else {
         return;
     };
-    let (status, body) = read_answer(&*http, num_headers, body_size);
+    let (status, body) = call_answer(&*http, num_headers, body_size);
     let answer = Answer {
         status,
         body: &body,

@@ -43,7 +43,18 @@ pub struct Metrics {
     guard_latency: [u32; 2],
     guard_state: u32,
     guard_aborts: Vec<u32>,
+    /// etcd requests of the rollout control: reads, writes, lease calls.
+    rollout_requests: [u32; 3],
+    rollout_errors: Vec<u32>,
+    rollout_leader: u32,
+    rollout_state: u32,
+    rollout_fleet_windows: u32,
+    rollout_fleet_aborts: u32,
 }
+
+/// The reasons of `handoff_rollout_etcd_errors`, all defined at start.
+const ROLLOUT_ERRORS: [&str; 5] = ["unreachable", "server", "lease", "malformed", "record"];
+const ROLLOUT_KINDS: [&str; 3] = ["read", "write", "lease"];
 
 fn counter(name: &str) -> u32 {
     // Defining a metric only fails outside Envoy; 0 then makes increments no-ops.
@@ -121,6 +132,19 @@ impl Metrics {
                     ))
                 })
                 .collect(),
+            rollout_requests: [
+                counter("handoff_rollout_etcd_reads"),
+                counter("handoff_rollout_etcd_writes"),
+                counter("handoff_rollout_etcd_lease_calls"),
+            ],
+            rollout_errors: ROLLOUT_ERRORS
+                .iter()
+                .map(|r| counter(&format!("handoff_rollout_etcd_errors.reason.{r}")))
+                .collect(),
+            rollout_leader: gauge("handoff_rollout_leader"),
+            rollout_state: gauge("handoff_rollout_state"),
+            rollout_fleet_windows: counter("handoff_rollout_fleet_windows"),
+            rollout_fleet_aborts: counter("handoff_rollout_fleet_aborts"),
         }
     }
 
@@ -258,5 +282,39 @@ impl Metrics {
     pub fn guard_aborted(&self, t: Trigger) {
         let i = Trigger::ALL.iter().position(|x| *x == t).unwrap_or(0);
         inc(self.guard_aborts[i]);
+    }
+
+    /// An etcd request of the rollout control: `read`, `write` or `lease`.
+    pub fn rollout_request(&self, kind: &str) {
+        let i = ROLLOUT_KINDS.iter().position(|k| *k == kind).unwrap_or(0);
+        inc(self.rollout_requests[i]);
+    }
+
+    /// `handoff_rollout_etcd_errors{reason}`: unreachable, server, lease, malformed, or a
+    /// record that is not one.
+    pub fn rollout_error(&self, reason: &str) {
+        let i = ROLLOUT_ERRORS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        inc(self.rollout_errors[i]);
+    }
+
+    /// 1 while this Envoy judges the fleet.
+    pub fn rollout_leader(&self, leader: bool) {
+        let _ = hostcalls::record_metric(self.rollout_leader, u64::from(leader));
+    }
+
+    /// 0 active, 1 aborted, as the fleet's record says.
+    pub fn rollout_state(&self, aborted: bool) {
+        let _ = hostcalls::record_metric(self.rollout_state, u64::from(aborted));
+    }
+
+    pub fn rollout_fleet_window(&self) {
+        inc(self.rollout_fleet_windows);
+    }
+
+    pub fn rollout_fleet_abort(&self) {
+        inc(self.rollout_fleet_aborts);
     }
 }

@@ -7,6 +7,7 @@ mod guard;
 mod host;
 mod idempotency;
 mod metrics;
+mod rollout;
 mod shared;
 mod translate;
 
@@ -36,6 +37,7 @@ pub fn start() {
             metrics: Rc::new(Metrics::define()),
             drain: drain::RootDrain::new(),
             guard: guard::RootGuard::new(),
+            rollout: rollout::RootRollout::new(),
         })
     });
 }
@@ -46,6 +48,7 @@ struct Root {
     metrics: Rc<Metrics>,
     drain: drain::RootDrain,
     guard: guard::RootGuard,
+    rollout: rollout::RootRollout,
 }
 
 impl Context for Root {
@@ -53,6 +56,7 @@ impl Context for Root {
         // Each capability ignores tokens it did not dispatch.
         drain::on_root_call_response(self, token_id);
         idempotency::on_root_call_response(self, token_id, headers, body);
+        rollout::on_root_call_response(self, token_id, headers, body);
     }
 }
 
@@ -79,11 +83,17 @@ impl RootContext for Root {
                 self.config = Rc::new(config);
                 drain::configure(self);
                 guard::configure(self);
+                rollout::configure(self);
                 // One tick serves every section: the shortest period any of them needs.
-                let tick = [drain::tick_ms, guard::tick_ms, idempotency::tick_ms]
-                    .iter()
-                    .filter_map(|f| f(&self.config))
-                    .min();
+                let tick = [
+                    drain::tick_ms,
+                    guard::tick_ms,
+                    idempotency::tick_ms,
+                    rollout::tick_ms,
+                ]
+                .iter()
+                .filter_map(|f| f(&self.config))
+                .min();
                 if let Some(ms) = tick {
                     self.set_tick_period(std::time::Duration::from_millis(ms));
                 }
@@ -102,6 +112,7 @@ impl RootContext for Root {
             drain::on_tick(self);
         }
         guard::on_tick(self);
+        rollout::on_tick(self);
         idempotency::on_tick(self);
     }
 
@@ -117,6 +128,7 @@ impl RootContext for Root {
             replied: false,
             drain: self.drain.http(),
             guard: self.guard.http(),
+            rollout: self.rollout.http(),
             head: host::Head::default(),
         }))
     }
@@ -139,6 +151,8 @@ pub(crate) struct Http {
     idempotency: Option<idempotency::Pending>,
     drain: drain::HttpDrain,
     guard: guard::HttpGuard,
+    /// The fleet's rollout control as this worker applies it.
+    rollout: Rc<std::cell::Cell<crate::rollout::Control>>,
     /// A stage answered the request itself: later stages must not run.
     replied: bool,
     /// `:method` and `:path`, read once for every stage.

@@ -11,6 +11,19 @@ pub struct Etcd {
     pub client_port: u16,
     pub peer_port: u16,
     dir: tempfile::TempDir,
+    tls: Option<Tls>,
+    /// Plain-HTTP `/health` and `/metrics` when the client URL is HTTPS.
+    metrics_port: Option<u16>,
+}
+
+/// PEM files for an etcd that serves its client URL over TLS.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// `--client-cert-auth`: only clients with a certificate signed by `ca` get in.
+    pub client_cert_auth: bool,
 }
 
 pub fn etcd_bin() -> PathBuf {
@@ -23,12 +36,24 @@ impl Etcd {
     /// Starts etcd and waits until `/health` reports healthy. A start that lost one of its
     /// ports to another process is tried again on new ports.
     pub async fn start() -> Etcd {
+        Etcd::start_with(None).await
+    }
+
+    /// Starts etcd serving its client URL over TLS (`https://127.0.0.1:PORT`), with `/health`
+    /// and `/metrics` on a plain-HTTP port of their own.
+    pub async fn start_tls(tls: Tls) -> Etcd {
+        Etcd::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<Tls>) -> Etcd {
         for _ in 0..5 {
             let mut etcd = Etcd {
                 child: None,
                 client_port: super::free_port(),
                 peer_port: super::free_port(),
                 dir: tempfile::tempdir().expect("tempdir"),
+                metrics_port: tls.as_ref().map(|_| super::free_port()),
+                tls: tls.clone(),
             };
             etcd.spawn();
             if etcd.healthy_or_lost_a_port().await {
@@ -40,7 +65,7 @@ impl Etcd {
 
     /// Waits until etcd is healthy (true) or has exited because a port was taken (false).
     async fn healthy_or_lost_a_port(&mut self) -> bool {
-        let url = self.url("/health");
+        let url = self.health_url();
         let exited = super::wait_for("etcd /health", Duration::from_secs(30), || {
             let url = url.clone();
             let gone = self
@@ -67,7 +92,7 @@ impl Etcd {
     }
 
     fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.url("");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         // Appends: a restarted member's log follows the first one's.
         let log = std::fs::OpenOptions::new()
@@ -75,7 +100,21 @@ impl Etcd {
             .append(true)
             .open(self.dir.path().join("etcd.log"))
             .expect("etcd log");
-        let child = Command::new(etcd_bin())
+        let mut command = Command::new(etcd_bin());
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg(format!("--client-cert-auth={}", tls.client_cert_auth));
+        }
+        if let Some(port) = self.metrics_port {
+            command.arg(format!("--listen-metrics-urls=http://127.0.0.1:{port}"));
+        }
+        let child = command
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .args(["--name", "default"])
@@ -93,7 +132,7 @@ impl Etcd {
     }
 
     async fn wait_healthy(&self) {
-        let url = self.url("/health");
+        let url = self.health_url();
         super::wait_for("etcd /health", Duration::from_secs(30), || {
             let url = url.clone();
             async move {
@@ -105,8 +144,23 @@ impl Etcd {
         .await;
     }
 
+    /// The client URL (`https://` when started with TLS) and `path`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}{path}", self.client_port)
+    }
+
+    /// `/health` over plain HTTP (the metrics port when the client URL is HTTPS).
+    pub fn health_url(&self) -> String {
+        self.metrics_url("/health")
+    }
+
+    /// A path of the plain-HTTP metrics endpoint (`/metrics`, `/health`).
+    pub fn metrics_url(&self, path: &str) -> String {
+        match self.metrics_port {
+            Some(port) => format!("http://127.0.0.1:{port}{path}"),
+            None => self.url(path),
+        }
     }
 
     pub fn log(&self) -> String {

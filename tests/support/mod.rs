@@ -14,10 +14,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub mod backend;
+pub mod cli;
 pub mod client;
 pub mod drain;
 pub mod etcd;
 pub mod lds;
+pub mod pki;
 pub mod tokens;
 pub use backend::Backend;
 #[allow(unused_imports)]

@@ -1,6 +1,6 @@
 //! The command line: argument parsing and the commands.
 
-use crate::{extract, image, sync};
+use crate::{extract, image, rollout, sync};
 
 use handoff::translate::{ApiVersion, Message};
 use std::io::{Read, Write};
@@ -45,6 +45,22 @@ USAGE:
       `match: [{mode: CLIENT}]`, --server (default envoy/server-side.yaml) for SERVER. Only
       the pluginConfig blocks are rewritten (what `make istio-sync` runs).
 
+  handoffctl rollout status      --etcd URL --salt S [--prefix P] [--json] [CONNECTION]
+  handoffctl rollout abort       --etcd URL --salt S [--prefix P] [--reason TEXT] [CONNECTION]
+  handoffctl rollout resume      --etcd URL --salt S [--prefix P] [CONNECTION]
+  handoffctl rollout set-percent PERCENT --etcd URL --salt S [--prefix P] [CONNECTION]
+      Fleet rollout control: read or change the rollout record at PREFIX SALT (prefix
+      default /handoff/rollout/, salt: the canary.salt of the configuration) through etcd's
+      v3 JSON gateway at URL. status prints the record (state, percent, when, by whom, why)
+      and the last fleet window per cohort (--json: the stored record, key and revision);
+      with no record, the fleet is active at the configured percent. abort sends every user
+      to stable; resume brings the cohorts back (a no-op when active); set-percent replaces
+      the configured percent (0 to 100) without a configuration push. Every change is a
+      compare-and-swap on the revision read: a record changed meanwhile is never overwritten.
+      CONNECTION: --cacert FILE (PEM CA for an https:// URL), --cert FILE --key FILE (PEM
+      client certificate), --user NAME[:PASSWORD] (etcd authentication; the password from
+      $HANDOFF_ETCD_PASSWORD when not given).
+
   handoffctl help | --help | -h      this text
   handoffctl --version | -V          the version
 
@@ -54,6 +70,10 @@ EXIT CODES:
      one line on stderr
   2  usage error (unknown command or option, missing or malformed argument); one line on
      stderr
+  3  rollout: etcd unreachable, refused the credentials, or answered an error; one line on
+     stderr
+  4  rollout: the record changed underneath (compare-and-swap lost): re-run
+     `handoffctl rollout status` and decide again
 ";
 
 /// A failure: the exit code and the one line printed on stderr.
@@ -64,7 +84,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn usage(message: impl Into<String>) -> Failure {
+    pub fn usage(message: impl Into<String>) -> Failure {
         Failure {
             code: 2,
             message: message.into(),
@@ -75,6 +95,22 @@ impl Failure {
         Failure {
             code: 1,
             message: message.into(),
+        }
+    }
+
+    /// etcd could not be reached, refused the credentials, or answered an error.
+    pub fn etcd(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 3,
+            message: message.into(),
+        }
+    }
+
+    /// A compare-and-swap lost: someone else wrote the record between our read and write.
+    pub fn changed_underneath() -> Failure {
+        Failure {
+            code: 4,
+            message: "the record changed underneath: re-run `handoffctl rollout status`".into(),
         }
     }
 }
@@ -95,7 +131,7 @@ pub fn main() -> ExitCode {
 fn run(args: &[String]) -> Result<(), Failure> {
     let Some((command, rest)) = args.split_first() else {
         return Err(Failure::usage(
-            "missing command (check, cohort, translate, schema, image, sync); see handoffctl --help",
+            "missing command (check, cohort, translate, schema, image, sync, rollout); see handoffctl --help",
         ));
     };
     match command.as_str() {
@@ -113,6 +149,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
         "schema" => schema(rest),
         "image" => image_command(rest),
         "sync" => sync_command(rest),
+        "rollout" => rollout::command(rest),
         other => Err(Failure::usage(format!(
             "unknown command `{other}`; see handoffctl --help"
         ))),
@@ -120,15 +157,15 @@ fn run(args: &[String]) -> Result<(), Failure> {
 }
 
 /// Options of one command: `--name value` pairs and flags, plus positional arguments.
-struct Options {
+pub struct Options {
     command: &'static str,
     values: Vec<(String, String)>,
     flags: Vec<String>,
-    positional: Vec<String>,
+    pub positional: Vec<String>,
 }
 
 impl Options {
-    fn parse(
+    pub fn parse(
         command: &'static str,
         args: &[String],
         with_value: &[&str],
@@ -176,14 +213,14 @@ impl Options {
         Ok(out)
     }
 
-    fn get(&self, name: &str) -> Option<&str> {
+    pub fn get(&self, name: &str) -> Option<&str> {
         self.values
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
 
-    fn required(&self, name: &str) -> Result<&str, Failure> {
+    pub fn required(&self, name: &str) -> Result<&str, Failure> {
         self.get(name).ok_or_else(|| {
             Failure::usage(format!(
                 "{}: missing --{name}; see handoffctl --help",
@@ -192,11 +229,11 @@ impl Options {
         })
     }
 
-    fn flag(&self, name: &str) -> bool {
+    pub fn flag(&self, name: &str) -> bool {
         self.flags.iter().any(|f| f == name)
     }
 
-    fn no_positional(&self) -> Result<(), Failure> {
+    pub fn no_positional(&self) -> Result<(), Failure> {
         match self.positional.first() {
             Some(p) => Err(Failure::usage(format!(
                 "{}: unexpected argument `{p}`; see handoffctl --help",

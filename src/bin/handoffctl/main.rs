@@ -9,7 +9,11 @@ mod app;
 #[cfg(not(target_arch = "wasm32"))]
 mod extract;
 #[cfg(not(target_arch = "wasm32"))]
+mod gateway;
+#[cfg(not(target_arch = "wasm32"))]
 mod image;
+#[cfg(not(target_arch = "wasm32"))]
+mod rollout;
 #[cfg(not(target_arch = "wasm32"))]
 mod sync;
 
