@@ -313,31 +313,66 @@ async fn start_server(
     Envoy::start(opts).await
 }
 
-/// etcd's `grpc_server_handled_total` by method (the JSON gateway's calls included).
+/// etcd's `grpc_server_handled_total` by method (the JSON gateway's calls included), and its
+/// WAL fsyncs (`fsync count` and `fsync µs`, the sum of their durations): each write a POST
+/// makes waits for one.
 async fn etcd_calls(etcd: &Etcd) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     let Ok(r) = support::h1().get(etcd.url("/metrics")).send().await else {
         return out;
     };
     let text = r.text().await.unwrap_or_default();
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("grpc_server_handled_total{"))
-    {
-        let method = line
-            .split("grpc_method=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("");
-        let n: f64 = line
-            .rsplit_once(' ')
+    let value = |line: &str| -> f64 {
+        line.rsplit_once(' ')
             .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0.0);
-        if n > 0.0 {
-            *out.entry(method.to_string()).or_default() += n as u64;
+            .unwrap_or(0.0)
+    };
+    for line in text.lines() {
+        if line.starts_with("grpc_server_handled_total{") {
+            let method = line
+                .split("grpc_method=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("");
+            let n = value(line);
+            if n > 0.0 {
+                *out.entry(method.to_string()).or_default() += n as u64;
+            }
+        } else if line.starts_with("etcd_disk_wal_fsync_duration_seconds_sum ") {
+            out.insert(FSYNC_US.into(), (value(line) * 1e6) as u64);
+        } else if line.starts_with("etcd_disk_wal_fsync_duration_seconds_count ") {
+            out.insert(FSYNC_COUNT.into(), value(line) as u64);
         }
     }
     out
+}
+
+const FSYNC_US: &str = "fsync µs";
+const FSYNC_COUNT: &str = "fsync count";
+
+/// The cumulative P50 and P99 of an Envoy histogram (`cluster.etcd.upstream_rq_time`), in ms.
+async fn histogram(envoy: &Envoy, name: &str) -> Option<(f64, f64)> {
+    let filter = format!("^{}$", name.replace('.', "\\."));
+    let text = support::h1()
+        .get(envoy.admin_url(&format!("/stats?filter={filter}")))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let line = text.lines().find(|l| l.starts_with(&format!("{name}: ")))?;
+    let quantile = |q: &str| -> Option<f64> {
+        let rest = line.split(&format!(" {q}(")).nth(1)?;
+        rest.split(')')
+            .next()?
+            .split(',')
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((quantile("P50")?, quantile("P99")?))
 }
 
 const QUEUE_OUTCOMES: [&str; 6] = ["retried", "stored", "lost", "failed", "expired", "dropped"];
@@ -775,6 +810,8 @@ struct Outcome {
     /// etcd's calls by method over the run, and the POSTs they served.
     etcd_calls: BTreeMap<String, u64>,
     retry_queue: BTreeMap<String, f64>,
+    /// Server B's Envoy's view of its upstreams: (what, P50 ms, P99 ms).
+    server_times: Vec<(&'static str, f64, f64)>,
     /// What happened when (chaos), relative to the start of the load.
     events: Vec<String>,
 }
@@ -885,6 +922,18 @@ async fn run(mode: Mode, profile: Profile, chaos: bool) -> Outcome {
         note("etcd back".into());
     }
     tokio::time::sleep_until((phase_start + profile.steady).into()).await;
+    // Where a request's time goes at server B, over the steady phase.
+    let mut server_times = Vec::new();
+    if let Some(b) = topo.servers[1].as_ref() {
+        for (what, name) in [
+            ("etcd callout (server B)", "cluster.etcd.upstream_rq_time"),
+            ("app (server B)", "cluster.app.upstream_rq_time"),
+        ] {
+            if let Some((p50, p99)) = histogram(b, name).await {
+                out_times_push(&mut server_times, what, p50, p99);
+            }
+        }
+    }
     topo.ramp(50).await;
     set(Phase::Ramp50);
     let phase_start = Instant::now();
@@ -1053,6 +1102,7 @@ async fn run(mode: Mode, profile: Profile, chaos: bool) -> Outcome {
     for i in 0..2 {
         topo.collect_queue(i).await;
     }
+    out.server_times = server_times;
     out.etcd_calls = std::mem::take(&mut topo.etcd_calls);
     out.retry_queue = std::mem::take(&mut topo.retry_queue);
     for (down, up) in &topo.etcd_outages {
@@ -1085,13 +1135,28 @@ fn etcd_per_post(r: &Outcome) -> String {
     if r.etcd_calls.is_empty() || r.posts == 0 {
         return "0 (no etcd)".into();
     }
-    let total: u64 = r.etcd_calls.values().sum();
-    let by: Vec<String> = r
+    let calls = r
         .etcd_calls
         .iter()
+        .filter(|(m, _)| *m != FSYNC_US && *m != FSYNC_COUNT);
+    let total: u64 = calls.clone().map(|(_, n)| n).sum();
+    let by: Vec<String> = calls
         .map(|(m, n)| format!("{m} {:.2}", *n as f64 / r.posts as f64))
         .collect();
     format!("{:.2} ({})", total as f64 / r.posts as f64, by.join(", "))
+}
+
+fn out_times_push(v: &mut Vec<(&'static str, f64, f64)>, what: &'static str, p50: f64, p99: f64) {
+    if p50.is_finite() && p99.is_finite() {
+        v.push((what, p50, p99));
+    }
+}
+
+fn server_time(r: &Outcome, what: &str) -> String {
+    match r.server_times.iter().find(|(w, _, _)| *w == what) {
+        Some((_, p50, p99)) => format!("{p50:.1} / {p99:.1} ms"),
+        None => "-".into(),
+    }
 }
 
 fn report(profile: Profile, runs: &[Outcome], chaos: &[Outcome]) -> String {
@@ -1160,6 +1225,24 @@ fn plain_section(md: &mut String, runs: &[Outcome]) {
                 format!("{:.1} ms", r.p99_steady_post_ms)
             }),
             ("etcd calls per POST (by method)", &etcd_per_post),
+            ("etcd WAL fsyncs per POST, mean fsync", &|r| {
+                let n = r.etcd_calls.get(FSYNC_COUNT).copied().unwrap_or(0);
+                let us = r.etcd_calls.get(FSYNC_US).copied().unwrap_or(0);
+                if n == 0 || r.posts == 0 {
+                    return "-".into();
+                }
+                format!(
+                    "{:.2}, {:.2} ms",
+                    n as f64 / r.posts as f64,
+                    us as f64 / n as f64 / 1000.0
+                )
+            }),
+            ("steady, server B's Envoy: etcd callout P50 / P99", &|r| {
+                server_time(r, "etcd callout (server B)")
+            }),
+            ("steady, server B's Envoy: app P50 / P99", &|r| {
+                server_time(r, "app (server B)")
+            }),
             ("p99 latency, during the drain of A", &|r| {
                 format!("{:.1} ms", r.p99_drain_ms)
             }),
