@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::etcd::Etcd;
-use support::lds::{gauge, Lds, Push};
+use support::lds::{gauge, gauge_or_zero, Lds, Push};
 use support::{Backend, Envoy, EnvoyOpts};
 
 #[derive(Debug, Clone, Copy)]
@@ -1087,7 +1087,8 @@ async fn run(mode: Mode, profile: Profile, chaos: bool) -> Outcome {
     for name in CLIENT_STATS {
         let mut total = 0;
         for cluster in ["stable", "canary"] {
-            total += gauge(&topo.client, &format!("cluster.{cluster}.{name}")).await;
+            // `upstream_rq_503` exists only once a 503 happened.
+            total += gauge_or_zero(&topo.client, &format!("cluster.{cluster}.{name}")).await;
         }
         out.client_stats.push((name.to_string(), total));
     }

@@ -217,10 +217,20 @@ async fn wait_for_update(envoy: &Envoy, before: LdsCounters) -> Push {
     outcome
 }
 
-/// A plain admin stat (counter or gauge) by its full name; 0 when absent.
+/// A plain admin stat (counter or gauge) by its full name (it must exist).
 pub async fn gauge(envoy: &Envoy, name: &str) -> u64 {
-    let filter = format!("^{}$", name.replace('.', "\\."));
-    stat_in(&admin_stats(envoy, &filter).await, name)
+    stat_in(&exact_stat(envoy, name).await, name)
+}
+
+/// A stat Envoy creates only when it first happens (per-code counters such as
+/// `upstream_rq_503`): 0 when absent.
+pub async fn gauge_or_zero(envoy: &Envoy, name: &str) -> u64 {
+    stat_or_none(&exact_stat(envoy, name).await, name).unwrap_or(0)
+}
+
+/// The admin stats text of exactly the stat `name`.
+async fn exact_stat(envoy: &Envoy, name: &str) -> String {
+    admin_stats(envoy, &format!("^{}$", name.replace('.', "\\."))).await
 }
 
 /// Envoy's plain-text admin stats whose names match the regex `filter`.
@@ -235,10 +245,15 @@ async fn admin_stats(envoy: &Envoy, filter: &str) -> String {
         .expect("stats")
 }
 
-/// The value of stat `name` in admin stats text; 0 when absent.
+/// The value of stat `name` in admin stats text. Envoy creates these stats at start, so a
+/// missing one is a wrong name (or a changed Envoy), never a zero.
 fn stat_in(text: &str, name: &str) -> u64 {
+    stat_or_none(text, name)
+        .unwrap_or_else(|| panic!("Envoy has no stat `{name}` (admin stats: {text:?})"))
+}
+
+fn stat_or_none(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
