@@ -812,6 +812,8 @@ struct Outcome {
     retry_queue: BTreeMap<String, f64>,
     /// Server B's Envoy's view of its upstreams: (what, P50 ms, P99 ms).
     server_times: Vec<(&'static str, f64, f64)>,
+    /// Server B's connections to etcd and the callouts they carried, over the steady phase.
+    etcd_conns: (u64, u64),
     /// What happened when (chaos), relative to the start of the load.
     events: Vec<String>,
 }
@@ -924,6 +926,7 @@ async fn run(mode: Mode, profile: Profile, chaos: bool) -> Outcome {
     tokio::time::sleep_until((phase_start + profile.steady).into()).await;
     // Where a request's time goes at server B, over the steady phase.
     let mut server_times = Vec::new();
+    let mut etcd_conns = (0, 0);
     if let Some(b) = topo.servers[1].as_ref() {
         for (what, name) in [
             ("etcd callout (server B)", "cluster.etcd.upstream_rq_time"),
@@ -932,6 +935,12 @@ async fn run(mode: Mode, profile: Profile, chaos: bool) -> Outcome {
             if let Some((p50, p99)) = histogram(b, name).await {
                 out_times_push(&mut server_times, what, p50, p99);
             }
+        }
+        if mode == Mode::Handoff {
+            etcd_conns = (
+                gauge_or_zero(b, "cluster.etcd.upstream_cx_total").await,
+                gauge_or_zero(b, "cluster.etcd.upstream_rq_total").await,
+            );
         }
     }
     topo.ramp(50).await;
@@ -1053,7 +1062,7 @@ async fn run(mode: Mode, profile: Profile, chaos: bool) -> Outcome {
         samples
             .iter()
             .filter(|s| s.phase == p && !s.slow)
-            .filter(|s| post.is_none_or(|post| s.post_key.is_some() == post))
+            .filter(|s| post.map_or(true, |post| s.post_key.is_some() == post))
             .map(|s| s.latency)
             .collect()
     };
@@ -1104,6 +1113,7 @@ async fn run(mode: Mode, profile: Profile, chaos: bool) -> Outcome {
         topo.collect_queue(i).await;
     }
     out.server_times = server_times;
+    out.etcd_conns = etcd_conns;
     out.etcd_calls = std::mem::take(&mut topo.etcd_calls);
     out.retry_queue = std::mem::take(&mut topo.retry_queue);
     for (down, up) in &topo.etcd_outages {
@@ -1120,20 +1130,27 @@ async fn run(mode: Mode, profile: Profile, chaos: bool) -> Outcome {
 
 /// A table with one column per run: `rows` of (name, value of a run).
 type Row<'a> = (&'a str, &'a dyn Fn(&Outcome) -> String);
+/// A row's function, built per row (phases, counters, causes).
+type Cell = Box<dyn Fn(&Outcome) -> String>;
 
 fn table(md: &mut String, first: &str, runs: &[Outcome], rows: &[Row]) {
     let labels: Vec<&str> = runs.iter().map(|r| r.label.as_str()).collect();
     let _ = writeln!(md, "| {first} | {} |", labels.join(" | "));
     let _ = writeln!(md, "|---|{}", "---|".repeat(runs.len()));
     for (name, f) in rows {
-        let cells: Vec<String> = runs.iter().map(|r| f(r)).collect();
+        let cells: Vec<String> = runs.iter().map(f).collect();
         let _ = writeln!(md, "| {name} | {} |", cells.join(" | "));
     }
 }
 
 /// etcd's calls per POST sent, by method (`Txn 2.00, LeaseGrant 0.01`).
 fn etcd_per_post(r: &Outcome) -> String {
-    if r.etcd_calls.is_empty() || r.posts == 0 {
+    if !r
+        .etcd_calls
+        .keys()
+        .any(|m| m != FSYNC_US && m != FSYNC_COUNT)
+        || r.posts == 0
+    {
         return "0 (no etcd)".into();
     }
     let calls = r
@@ -1244,6 +1261,10 @@ fn plain_section(md: &mut String, runs: &[Outcome]) {
             ("steady, server B's Envoy: app P50 / P99", &|r| {
                 server_time(r, "app (server B)")
             }),
+            (
+                "steady, server B's Envoy: etcd connections / callouts",
+                &|r| format!("{} / {}", r.etcd_conns.0, r.etcd_conns.1),
+            ),
             ("p99 latency, during the drain of A", &|r| {
                 format!("{:.1} ms", r.p99_drain_ms)
             }),
@@ -1258,13 +1279,13 @@ fn plain_section(md: &mut String, runs: &[Outcome]) {
         .enumerate()
         .map(|(i, p)| (i, p.label()))
         .collect();
-    let fns: Vec<Box<dyn Fn(&Outcome) -> String>> = rows
+    let fns: Vec<Cell> = rows
         .iter()
         .map(|&(i, _)| {
             Box::new(move |r: &Outcome| {
                 let (_, n, v) = r.p99_by_phase[i];
                 format!("{n}, {v:.1} ms")
-            }) as Box<dyn Fn(&Outcome) -> String>
+            }) as Cell
         })
         .collect();
     let phase_rows: Vec<Row> = rows
@@ -1292,14 +1313,14 @@ fn plain_section(md: &mut String, runs: &[Outcome]) {
 }
 
 fn client_counters(md: &mut String, runs: &[Outcome]) {
-    let fns: Vec<Box<dyn Fn(&Outcome) -> String>> = (0..CLIENT_STATS.len())
+    let fns: Vec<Cell> = (0..CLIENT_STATS.len())
         .map(|i| {
             Box::new(move |r: &Outcome| {
                 r.client_stats
                     .get(i)
                     .map(|(_, v)| v.to_string())
                     .unwrap_or_default()
-            }) as Box<dyn Fn(&Outcome) -> String>
+            }) as Cell
         })
         .collect();
     let names: Vec<String> = CLIENT_STATS.iter().map(|n| format!("`{n}`")).collect();
@@ -1367,17 +1388,18 @@ fn chaos_section(md: &mut String, runs: &[Outcome]) {
             ("users whose variant flipped back", &|r| {
                 r.flipped_back_users.to_string()
             }),
-            ("app resets: before executing / after executing", &|r| {
-                format!("{} / {}", r.resets.0, r.resets.1)
-            }),
+            (
+                "app resets (every method): before executing / after executing",
+                &|r| format!("{} / {}", r.resets.0, r.resets.1),
+            ),
         ],
     );
     let _ = writeln!(md, "\n### POSTs executed twice, by cause\n");
-    let fns: Vec<Box<dyn Fn(&Outcome) -> String>> = CAUSES
+    let fns: Vec<Cell> = CAUSES
         .iter()
         .map(|&c| {
             Box::new(move |r: &Outcome| r.dup_causes.get(c).copied().unwrap_or(0).to_string())
-                as Box<dyn Fn(&Outcome) -> String>
+                as Cell
         })
         .collect();
     let rows: Vec<Row> = CAUSES.iter().zip(&fns).map(|(c, f)| (*c, &**f)).collect();

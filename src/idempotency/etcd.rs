@@ -124,7 +124,8 @@ pub struct LockFlow {
     /// then the answer timed out or was lost): the release of exactly what it wrote, with the
     /// lock record, for the filter to queue. Without it the key stays locked until
     /// `lock_timeout_s`, and every retry in between gets 409.
-    undo: Option<(Request, Meta)>,
+    /// Boxed: a flow lives in every paused request's state, the undo only in failed ones.
+    undo: Option<Box<(Request, Meta)>>,
 }
 
 impl LockFlow {
@@ -190,7 +191,7 @@ impl LockFlow {
                     Next::Send(etcd::lease_grant(s.ttl_s + LEASE_REUSE_S))
                 }
                 Err(e) => {
-                    self.undo = Some((self.release_of(&meta), meta));
+                    self.undo = Some(Box::new((self.release_of(&meta), meta)));
                     self.failed(s, e, leases)
                 }
             },
@@ -290,7 +291,7 @@ impl LockFlow {
     /// After a failed lock transaction: the release of what it may have written (see
     /// [`LockFlow::abandon`]), to send without waiting for the request. Once.
     pub fn take_undo(&mut self) -> Option<(Request, Meta)> {
-        self.undo.take()
+        self.undo.take().map(|u| *u)
     }
 
     /// The flow ends here because the request could not be sent (the cluster is unknown):
