@@ -588,6 +588,8 @@ struct Sample {
     slow: bool,
     /// Attempts the client made (1: no retry).
     attempts: u32,
+    /// What the last failed attempt said.
+    said: String,
 }
 
 impl Sample {
@@ -614,6 +616,7 @@ struct Attempt {
     error: Option<String>,
     variant: String,
     retry_after: Option<Duration>,
+    said: String,
 }
 
 impl Attempt {
@@ -668,11 +671,22 @@ impl Load {
                     .map(Duration::from_secs);
                 let status = r.status().as_u16();
                 let body = r.bytes().await;
+                // What a failure said (a problem type, Envoy's local reply), for the report.
+                let said = match &body {
+                    Ok(b) if status >= 400 => {
+                        let text = String::from_utf8_lossy(b);
+                        let v: Option<Value> = serde_json::from_slice(b).ok();
+                        v.and_then(|v| v["type"].as_str().map(str::to_string))
+                            .unwrap_or_else(|| text.chars().take(80).collect())
+                    }
+                    _ => String::new(),
+                };
                 Attempt {
                     status: Some(status),
                     error: body.err().map(|e| e.to_string()),
                     variant,
                     retry_after,
+                    said,
                 }
             }
             Err(e) => Attempt {
@@ -680,6 +694,7 @@ impl Load {
                 error: Some(e.to_string()),
                 variant: String::new(),
                 retry_after: None,
+                said: String::new(),
             },
         }
     }
@@ -711,6 +726,7 @@ impl Load {
             post_key: key,
             slow,
             attempts,
+            said: last.said,
         });
     }
 
@@ -1024,7 +1040,7 @@ async fn run(mode: Mode, profile: Profile, chaos: bool) -> Outcome {
                 s.phase.label(),
                 s.attempts,
                 s.status
-                    .map(|c| c.to_string())
+                    .map(|c| format!("{c} {}", s.said))
                     .or(s.error.clone())
                     .unwrap_or_default()
             ));
