@@ -14,6 +14,7 @@ BENCH = os.path.join(ROOT, "bench")
 CONF_DIR = os.path.join(BENCH, "envoy")
 BODY_DIR = os.path.join(CONF_DIR, "bodies")
 OUT = os.path.join(BENCH, "out")
+GENERATED_DIR = os.path.join(OUT, "generated")  # configs too large for the repository, written by `bench.py run`
 HANDOFF_WASM = "target/wasm32-wasip1/release/handoff.wasm"
 # Measure another build of the filter without editing the configs: HANDOFF_WASM=/path/handoff.wasm
 HANDOFF_WASM_RUN = os.environ.get("HANDOFF_WASM") or HANDOFF_WASM

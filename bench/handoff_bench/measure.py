@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.request
 
-from .configs import D2_GAPS
+from .configs import D2_GAPS, write_runtime_configs
 from .envoy import Envoy, check, envoy_binary, free_port, refusal_reason, send, wait_first_2xx
 from .load import h2load_cmd, parse_h2load, percentile, pinned, run_wrk
 from . import BENCH, HANDOFF_WASM_RUN, NOOP_WASM, OUT, PAYMENTS_BIN, ROOT
@@ -30,7 +30,7 @@ from .variants import VARIANTS, VARIANT_BY_NAME
 
 
 def measure(binary, v, ports, run_dir, tag, opts):
-    env = Envoy(binary, v.config, ports, run_dir, tag)
+    env = Envoy(binary, v.config, ports, run_dir, tag, concurrency=v.concurrency)
     try:
         start = wait_first_2xx(env, v)
         if start is None:
@@ -107,7 +107,7 @@ def count_host_calls(binary, v, ports, run_dir, n=20):
     logged as `[vm->host] env.proxy_...(` or `[host->vm] proxy_on_...(`), over n sequential
     requests after one warm-up request."""
     env = Envoy(binary, v.config, ports, run_dir, "hostcalls-" + v.name, log_level="info",
-                extra=["--component-log-level", "wasm:trace"])
+                extra=["--component-log-level", "wasm:trace"], concurrency=v.concurrency)
     try:
         if wait_first_2xx(env, v) is None:
             return None
@@ -234,6 +234,7 @@ def cmd_run(args):
     )
     selected = [v for v in VARIANTS if not args.only or v.name in args.only.split(",")]
     os.makedirs(OUT, exist_ok=True)
+    write_runtime_configs()
     run_dir = tempfile.mkdtemp(prefix="run-", dir=OUT)
     facts = machine_facts(binary)
     facts.update({"mode": "quick" if quick else "full", "rounds": opts.rounds, "duration_s": opts.duration,
@@ -326,7 +327,7 @@ def cmd_run(args):
 def perf_profile(binary, v, ports, run_dir, seconds):
     """Envoy CPU per request and a perf profile (by DSO, then by symbol) of one variant under wrk
     load. Needs the variant's upstream running. Returns the report text."""
-    env = Envoy(binary, v.config, ports, run_dir, "profile-" + v.name)
+    env = Envoy(binary, v.config, ports, run_dir, "profile-" + v.name, concurrency=v.concurrency)
     report = ["profile of %s (%s), %d s of wrk load" % (v.name, v.title, seconds)]
     try:
         if wait_first_2xx(env, v) is None:
@@ -366,6 +367,7 @@ def cmd_profile(args):
         sys.exit("unknown variant %s; one of %s" % (args.variant, ", ".join(VARIANT_BY_NAME)))
     binary = envoy_binary()
     os.makedirs(OUT, exist_ok=True)
+    write_runtime_configs()
     run_dir = tempfile.mkdtemp(prefix="profile-", dir=OUT)
     ports = all_ports()
     upstreams, problems = start_upstreams(binary, [v], ports, run_dir)

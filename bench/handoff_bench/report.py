@@ -73,7 +73,7 @@ def render(data):
         added = "%+.1f vs %s" % (c - cb, base) if (cb is not None and not name.startswith("A")) else "—"
         floor = (B - A) if (A is not None and B is not None) else None
         rb = "%.2f" % ((c - cb) / floor) if (name.startswith("C") and cb is not None and floor) else ""
-        dname = "D2" if name in ("C3", "C4") else "D1"
+        dname = {"C3": "D2", "C4": "D2-64"}.get(name, "D1")
         dv = by.get(dname)
         dcost = (cpu(dname) - cpu(dv.get("base") or "A")) if (dv and cpu(dname) is not None and cpu(dv.get("base") or "A") is not None) else None
         rd = "%.2f (%s)" % ((c - cb) / dcost, dname) if (name.startswith("C") and cb is not None and dcost) else ""
@@ -150,6 +150,19 @@ def render(data):
         target("RSS(C2) − RSS(B) ≤ 8 MiB", "%.1f MiB" % d, d <= 8, "%.1f MiB" % (d - 8), "C2")
     else:
         target("RSS(C2) − RSS(B) ≤ 8 MiB", "needs C2, B", None, None)
+    C4, Afwd64, D264 = cpu("C4"), cpu("A-fwd64"), cpu("D2-64")
+    if have(C3, D2, Afwd):
+        lim = 0.5 * (D2 - Afwd)
+        target("C3 − A-fwd ≤ 0.5 × (D2 − A-fwd)", "C3 − A-fwd = %.1f µs, limit %.1f µs" % (C3 - Afwd, lim),
+               C3 - Afwd <= lim, "%.1f µs" % (C3 - Afwd - lim), "C3")
+    if have(C4, D264, Afwd64):
+        lim = D264 - Afwd64
+        target("C4 − A-fwd64 ≤ 1.0 × (D2-64 − A-fwd64)", "C4 − A-fwd64 = %.1f µs (%.0f ns per body byte), limit %.1f µs" % (
+            C4 - Afwd64, (C4 - Afwd64) * 1000 / 65536, lim), C4 - Afwd64 <= lim, "%.1f µs" % (C4 - Afwd64 - lim), "C4")
+    if have(rss("C1-allow-100k"), rss("C1-allow-10")):
+        d = rss("C1-allow-100k") - rss("C1-allow-10")
+        target("100,000-id allow list: RSS − RSS(10 ids) ≤ 8 MiB at --concurrency 2", "%.1f MiB" % d, d <= 8, "%.1f MiB" % (d - 8),
+               "C1-allow-100k")
     hw = data["wasm"]["handoff"]
     if hw:
         target("handoff.wasm ≤ 300 KB (300,000 B)", "%d B (noop: %s B)" % (hw, data["wasm"]["noop"]), hw <= 300000, "%d B" % (hw - 300000))

@@ -57,6 +57,13 @@ BODIES = {
 CANARY = {"salt": "bench-2026", "percent": 50, "user_id": [{"header": "x-user-id"}], "route_header": "x-canary-variant"}
 # The canary guard on top: every request counted (status, latency bucket) for the window judgment.
 CANARY_GUARD = dict(CANARY, guard={"window_s": 10, "latency": {"quantile": 0.99, "max_ms": 500}})
+# The canary with an allow list of n user ids (none of them the ids the bench sends): what a long
+# list costs in memory, per worker.
+ALLOW_SMALL, ALLOW_LARGE = 10, 100000
+
+
+def canary_allow(n):
+    return dict(CANARY, allow=["allow-%06d" % i for i in range(n)])
 TRANSLATE = {
     "routes": [
         {
@@ -114,7 +121,7 @@ DRAIN = {
 
 class Variant:
     def __init__(self, name, config, title, method="GET", path="/api/v1/payments", body=None, headers=None,
-                 keys=None, wasm=None, sections=(), upstream=None, base="A"):
+                 keys=None, wasm=None, sections=(), upstream=None, base="A", concurrency=1):
         self.name = name
         self.config = config  # bench/envoy/<config>.yaml
         self.title = title
@@ -127,6 +134,7 @@ class Variant:
         self.sections = sections
         self.upstream = upstream  # None (direct_response) | "payments" (the example) | "static" (an Envoy)
         self.base = base  # the no-filter variant with the same route: what "added CPU" is measured from
+        self.concurrency = concurrency  # Envoy's worker threads (each has its own wasm VM)
 
     def body_bytes(self):
         if not self.body:
@@ -167,7 +175,17 @@ VARIANTS = [
     Variant("D1", "d1-lua", "Envoy Lua filter: FNV-1a hash of x-user-id, a header set", headers=UID),
     Variant("D2", "d2-transform", "Envoy transform filter: the payments rewrite it can express (see gaps)",
             method="POST", body="req-1k.json", headers=JSON_CT, upstream="static", base="A-fwd"),
+    Variant("D2-64", "d2-transform", "Envoy transform filter, as D2 with the 64 KB bodies of C4",
+            method="POST", path="/api/v1/payments?size=64k", body="req-64k.json", headers=JSON_CT, upstream="static",
+            base="A-fwd64"),
+    # Memory of a long allow list: two workers, as Istio sidecars run (one wasm VM per worker).
+    Variant("C1-allow-10", "c1-allow-10", "handoff, canary with a 10-id allow list, GET, --concurrency 2", headers=UID,
+            wasm="handoff", sections=("canary",), concurrency=2),
+    Variant("C1-allow-100k", "c1-allow-100k", "handoff, canary with a 100,000-id allow list, GET, --concurrency 2",
+            headers=UID, wasm="handoff", sections=("canary",), concurrency=2),
 ]
+# Configs written at run time into bench/out/ rather than kept in the repository (megabytes).
+RUNTIME_CONFIGS = ("c1-allow-100k",)
 SOAK_CONFIG = "c5-soak"
 SOAK_ENTRIES = 10000  # the soak store's max_entries (the default)
 VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
