@@ -262,14 +262,19 @@ fuzz-smoke: $(CARGO_FUZZ)
 # --- Rollout scenario -----------------------------------------------------------------------
 # The full profile: several minutes of load, writes bench/rollout.md. `make test` runs the
 # small profile through `cargo test --test rollout`.
+# `make rollout CHAOS=1` adds the chaos runs (etcd restarts, a killed lock holder, app resets)
+# to the report; rollout-small runs the small plain scenario and the small chaos run (handoff
+# only, about 30 s).
 rollout: setup build
 	cargo build --quiet --example payments
-	ROLLOUT_PROFILE=full cargo test --test rollout -- --nocapture
+	ROLLOUT_PROFILE=full ROLLOUT_CHAOS=$(if $(filter 1,$(CHAOS)),1,0) \
+	  cargo test --test rollout -- --nocapture
 	@echo "report: bench/rollout.md"
 
 rollout-small: build
 	cargo build --quiet --example payments
 	cargo test --test rollout
+	ROLLOUT_CHAOS=1 cargo test --test rollout
 
 # --- Drain through real client libraries ----------------------------------------------------
 # Never part of `make test` (about 10 minutes). Each client is installed in its ordinary form:

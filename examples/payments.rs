@@ -22,7 +22,14 @@
 //! responses carry `x-drain: 1`, `GET /_admin/last` -> the last request as seen (echo form),
 //! `POST /_admin/fault?error_pct=P&delay_ms=N` -> from now on P of every 100 requests answer
 //! 503 and every request waits N ms more (a canary turning bad at a known moment; `0` and `0`
-//! heal it).
+//! heal it), `GET /_admin/ledger` -> every execution with its times and the resets (below),
+//! `GET /_admin/inflight` -> executions running now.
+//!
+//! `--reset-pct P` (chaos): P of every 100 requests lose their connection without an answer,
+//! alternately before the operation executes (it never ran) and after it executed (it ran, the
+//! caller cannot know): the second is what idempotency keys exist for. The ledger tells them
+//! apart: `{"executions": [{"key", "start_ms", "end_ms", "reset_after"}], "resets_before": N,
+//! "resets_after": N}` (times in Unix ms; `end_ms` is null while it runs).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -51,13 +58,64 @@ struct State {
     next_id: AtomicU64,
     executions: Mutex<BTreeMap<String, u64>>,
     last: Mutex<Value>,
+    /// Requests reset per 100 (`--reset-pct`), the resets so far and the ledger.
+    reset_pct: u64,
+    resets: AtomicU64,
+    resets_before: AtomicU64,
+    resets_after: AtomicU64,
+    inflight: AtomicU64,
+    ledger: Mutex<Vec<Execution>>,
 }
+
+/// One execution of an operation with an idempotency key.
+struct Execution {
+    key: String,
+    start_ms: u64,
+    end_ms: Option<u64>,
+    reset_after: bool,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An execution in progress: its end is recorded when the answer is ready, or when the
+/// request is dropped (its connection closed first).
+struct Running<'a> {
+    state: &'a State,
+    i: usize,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.state.inflight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(e) = self.state.ledger.lock().unwrap().get_mut(self.i) {
+            e.end_ms = Some(unix_ms());
+        }
+    }
+}
+
+/// Why a request lost its connection (the error hyper answers with: it closes the connection
+/// without a response).
+#[derive(Debug)]
+struct Reset(&'static str);
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "connection reset {}", self.0)
+    }
+}
+
+impl std::error::Error for Reset {}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut name = "payments".to_string();
     let mut version = "v1".to_string();
     let mut listen = "127.0.0.1:8081".to_string();
+    let mut reset_pct = 0u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -68,6 +126,13 @@ async fn main() {
             "--name" => name = val(),
             "--version" => version = val(),
             "--listen" => listen = val(),
+            "--reset-pct" => {
+                reset_pct = val()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|p| *p <= 100)
+                    .unwrap_or_else(|| usage("--reset-pct must be 0 to 100"))
+            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -96,6 +161,12 @@ async fn main() {
         next_id: AtomicU64::new(1),
         executions: Mutex::new(BTreeMap::new()),
         last: Mutex::new(Value::Null),
+        reset_pct,
+        resets: AtomicU64::new(0),
+        resets_before: AtomicU64::new(0),
+        resets_after: AtomicU64::new(0),
+        inflight: AtomicU64::new(0),
+        ledger: Mutex::new(Vec::new()),
     });
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -115,7 +186,7 @@ fn usage(err: &str) -> ! {
     if !err.is_empty() {
         eprintln!("payments: {err}");
     }
-    eprintln!("usage: payments [--name NAME] [--version v1|v2] [--listen ADDR]");
+    eprintln!("usage: payments [--name NAME] [--version v1|v2] [--listen ADDR] [--reset-pct P]");
     std::process::exit(if err.is_empty() { 0 } else { 2 });
 }
 
@@ -135,7 +206,7 @@ fn full(b: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Reset> {
     let q = query(&req);
     let path = req.uri().path().to_string();
     let method = req.method().to_string();
@@ -171,6 +242,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         return Ok(admin(&state, &method, &path, &q));
     }
     let n = state.requests.fetch_add(1, Ordering::SeqCst);
+    // Spread evenly: P of every 100 consecutive requests, alternately before and after the
+    // operation.
+    let reset_after = if n % 100 < state.reset_pct {
+        if state.resets.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+            state.resets_before.fetch_add(1, Ordering::SeqCst);
+            return Err(Reset("before executing"));
+        }
+        true
+    } else {
+        false
+    };
     let body_json: Value = serde_json::from_slice(&body)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
     let seen = json!({
@@ -184,6 +266,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         "body_bytes": body.len(),
     });
     *state.last.lock().unwrap() = seen.clone();
+    let mut executing = None;
     if method != "GET" && method != "HEAD" {
         if let Some(key) = &idem_key {
             *state
@@ -192,9 +275,36 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
                 .unwrap()
                 .entry(key.clone())
                 .or_default() += 1;
+            let mut ledger = state.ledger.lock().unwrap();
+            executing = Some(ledger.len());
+            ledger.push(Execution {
+                key: key.clone(),
+                start_ms: unix_ms(),
+                end_ms: None,
+                reset_after,
+            });
+            state.inflight.fetch_add(1, Ordering::SeqCst);
         }
     }
+    let running = executing.map(|i| Running { state: &state, i });
+    let resp = respond(&state, n, &method, &path, &q, &seen).await;
+    drop(running);
+    if reset_after {
+        state.resets_after.fetch_add(1, Ordering::SeqCst);
+        return Err(Reset("after executing"));
+    }
+    Ok(resp)
+}
 
+/// The answer to a request (after its execution was recorded).
+async fn respond(
+    state: &State,
+    n: u64,
+    method: &str,
+    path: &str,
+    q: &BTreeMap<String, String>,
+    seen: &Value,
+) -> Response<Body> {
     if let Some(ms) = q.get("delay_ms").and_then(|v| v.parse::<u64>().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -209,18 +319,18 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             .header("content-type", "application/json")
             .body(full(r#"{"error":"fault injected"}"#))
             .expect("valid response");
-        return Ok(decorate(&state, resp));
+        return decorate(state, resp);
     }
 
     let (status, body) = if path == "/ready" {
         let s = state.ready_status.load(Ordering::SeqCst);
         (s, json!({"ready": s < 300, "instance": state.name}))
     } else if path == "/events" {
-        return Ok(decorate(&state, sse(&q)));
-    } else if let Some(rest) = payments_path(&path, &state.version) {
-        payments(&state, &method, rest, &seen["body"])
+        return decorate(state, sse(q));
+    } else if let Some(rest) = payments_path(path, &state.version) {
+        payments(state, method, rest, &seen["body"])
     } else {
-        (200, seen)
+        (200, seen.clone())
     };
     let status = q
         .get("status")
@@ -228,17 +338,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         .unwrap_or(status);
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
     if q.get("reset").map(String::as_str) == Some("1") {
-        return Ok(decorate(&state, resetting(status, bytes)));
+        return decorate(state, resetting(status, bytes));
     }
     if q.get("trailers").map(String::as_str) == Some("1") {
-        return Ok(decorate(&state, with_trailers(status, bytes)));
+        return decorate(state, with_trailers(status, bytes));
     }
     let resp = Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
         .header("content-type", "application/json")
         .body(full(bytes))
         .expect("valid response");
-    Ok(decorate(&state, resp))
+    decorate(state, resp)
 }
 
 /// The body in one DATA frame, then trailers (`x-checksum: <body length>`) end the stream
@@ -281,6 +391,24 @@ fn admin(state: &State, method: &str, path: &str, q: &BTreeMap<String, String>) 
         ("GET", "/_admin/executions") => json!(*state.executions.lock().unwrap()),
         ("GET", "/_admin/requests") => json!(state.requests.load(Ordering::SeqCst)),
         ("GET", "/_admin/last") => state.last.lock().unwrap().clone(),
+        ("GET", "/_admin/inflight") => json!(state.inflight.load(Ordering::SeqCst)),
+        ("GET", "/_admin/ledger") => {
+            let executions: Vec<Value> = state
+                .ledger
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    json!({"key": e.key, "start_ms": e.start_ms, "end_ms": e.end_ms,
+                           "reset_after": e.reset_after})
+                })
+                .collect();
+            json!({
+                "executions": executions,
+                "resets_before": state.resets_before.load(Ordering::SeqCst),
+                "resets_after": state.resets_after.load(Ordering::SeqCst),
+            })
+        }
         ("POST", "/_admin/ready") => {
             let s = q.get("status").and_then(|s| s.parse().ok()).unwrap_or(200);
             state.ready_status.store(s, Ordering::SeqCst);

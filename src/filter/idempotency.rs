@@ -581,13 +581,30 @@ fn etcd_next(http: &mut Http, store: &EtcdStore, mut flow: LockFlow, next: Next)
         }
         Next::Reply(v) => {
             log_failure(http, &flow);
+            undo(http, store, &mut flow);
             answer(http, v)
         }
         Next::Unprotected => {
             log_failure(http, &flow);
+            undo(http, store, &mut flow);
             http.metrics.idempotency_outcome(Outcome::StoreError);
             Step::Forward
         }
+    }
+}
+
+/// A lock transaction that failed may have been applied: its release is queued (sent from
+/// the root context's tick, retried like a completion), so the key is not locked until
+/// `lock_timeout_s`.
+fn undo(http: &Http, store: &EtcdStore, flow: &mut LockFlow) {
+    if let Some((request, meta)) = flow.take_undo() {
+        let w = PendingWrite {
+            write: Write::Release,
+            owner: meta.owner,
+            request,
+            deadline_ms: outbox::deadline_ms(&meta, store.timeout_ms),
+        };
+        enqueue(&http.metrics, w.entry(now_ms(), false));
     }
 }
 

@@ -120,6 +120,12 @@ pub struct LockFlow {
     stage: Stage,
     /// Why the flow ended in a store error (for the log).
     pub failure: Option<etcd::Error>,
+    /// A lock transaction whose answer failed may still have been applied (etcd took it,
+    /// then the answer timed out or was lost): the release of exactly what it wrote, with the
+    /// lock record, for the filter to queue. Without it the key stays locked until
+    /// `lock_timeout_s`, and every retry in between gets 409.
+    /// Boxed: a flow lives in every paused request's state, the undo only in failed ones.
+    undo: Option<Box<(Request, Meta)>>,
 }
 
 impl LockFlow {
@@ -139,6 +145,7 @@ impl LockFlow {
             owner,
             stage: Stage::Lease { attempt: 0 },
             failure: None,
+            undo: None,
         };
         let next = match leases.fresh(now_ms) {
             Some(lease) => flow.lock(s, lease, 0, None, now_ms),
@@ -183,7 +190,10 @@ impl LockFlow {
                     };
                     Next::Send(etcd::lease_grant(s.ttl_s + LEASE_REUSE_S))
                 }
-                Err(e) => self.failed(s, e, leases),
+                Err(e) => {
+                    self.undo = Some(Box::new((self.release_of(&meta), meta)));
+                    self.failed(s, e, leases)
+                }
             },
             // An answer nobody waits for (a duplicate callback): nothing changes.
             Stage::Done => Next::Reply(Verdict::Problem(Outcome::StoreError)),
@@ -268,10 +278,20 @@ impl LockFlow {
         let Stage::Lock { meta, .. } = &self.stage else {
             return None;
         };
+        Some((self.release_of(meta), meta.clone()))
+    }
+
+    /// The release of the lock record `meta` if the key still holds exactly it.
+    fn release_of(&self, meta: &Meta) -> Request {
         let key = self.key.as_str();
         let value = encode_full(meta, None);
-        let request = etcd::txn(&[Compare::Value(key, &value)], &[Op::Delete(key)], &[]);
-        Some((request, meta.clone()))
+        etcd::txn(&[Compare::Value(key, &value)], &[Op::Delete(key)], &[])
+    }
+
+    /// After a failed lock transaction: the release of what it may have written (see
+    /// [`LockFlow::abandon`]), to send without waiting for the request. Once.
+    pub fn take_undo(&mut self) -> Option<(Request, Meta)> {
+        self.undo.take().map(|u| *u)
     }
 
     /// The flow ends here because the request could not be sent (the cluster is unknown):

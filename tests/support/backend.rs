@@ -14,6 +14,11 @@ pub struct Backend {
 impl Backend {
     /// Starts an instance of `version` ("v1"/"v2") named `name` on a free loopback port.
     pub fn start(name: &str, version: &str) -> Backend {
+        Backend::start_with(name, version, &[])
+    }
+
+    /// [`Backend::start`] with more arguments (`["--reset-pct", "1"]`).
+    pub fn start_with(name: &str, version: &str, args: &[&str]) -> Backend {
         let bin = super::examples_dir().join("payments");
         let mut child = Command::new(&bin)
             .args([
@@ -24,6 +29,7 @@ impl Backend {
                 "--listen",
                 "127.0.0.1:0",
             ])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -70,6 +76,19 @@ impl Backend {
     /// Executions per idempotency key of non-GET requests.
     pub async fn executions(&self) -> BTreeMap<String, u64> {
         serde_json::from_value(self.get_json("/_admin/executions").await).unwrap_or_default()
+    }
+
+    /// Every execution with its times, and the resets (`GET /_admin/ledger`, see the example).
+    pub async fn ledger(&self) -> Value {
+        self.get_json("/_admin/ledger").await
+    }
+
+    /// Executions running now.
+    pub async fn inflight(&self) -> u64 {
+        self.get_json("/_admin/inflight")
+            .await
+            .as_u64()
+            .unwrap_or(0)
     }
 
     /// Requests the app handled (control endpoints excluded).

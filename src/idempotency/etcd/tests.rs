@@ -217,6 +217,8 @@ fn every_error_at_every_step_follows_on_error() {
                 let next = flow.on_answer(&s, &answer(&bad), 1000, &mut leases);
                 assert_eq!(next, expected, "step {step}, {status:?} {body}");
                 assert!(flow.failure.is_some());
+                // Only a lock transaction can have written something to undo.
+                assert_eq!(flow.take_undo().is_some(), step == 1, "step {step}");
                 assert_eq!(
                     leases.fresh(1000),
                     None,
@@ -317,4 +319,31 @@ fn a_request_gone_during_its_lock_transaction_releases_only_its_own_record() {
 fn etcd_lease(etcd: &FakeEtcd) -> i64 {
     let got = etcd.call(&crate::etcd::lease_grant(60));
     crate::etcd::parse_lease_grant(&answer(&got)).unwrap().id
+}
+
+#[test]
+fn a_lock_transaction_applied_but_unanswered_is_undone() {
+    let etcd = FakeEtcd::new();
+    let mut leases = LeaseCache::default();
+    leases.granted(etcd_lease(&etcd), 0);
+    let (mut flow, next) = LockFlow::start(&REJECT, KEY, FP, 1, 1000, &leases);
+    let Next::Send(lock_txn) = next else {
+        panic!("the lock transaction")
+    };
+    // etcd applies it, but its answer times out: the request gets the store error...
+    etcd.apply_silently(&lock_txn);
+    let next = flow.on_answer(&REJECT, &answer(&(None, Vec::new())), 1000, &mut leases);
+    assert_eq!(next, Next::Reply(Verdict::Problem(Outcome::StoreError)));
+    // ...and the release of what the transaction wrote, so a retry is not a 409.
+    let (release, meta) = flow.take_undo().expect("an undo");
+    assert_eq!(meta.owner, 1);
+    assert!(flow.take_undo().is_none(), "once");
+    let got = etcd.call(&release);
+    assert_eq!(settle(Write::Release, 1, &answer(&got)), Settled::Done);
+    assert!(etcd.is_empty(), "freed at once, not after lock_timeout_s");
+    let retry = run(&etcd, &REJECT, 2, FP, 1000, &mut leases).0;
+    assert!(
+        matches!(retry, Next::Locked(_)),
+        "the retry takes the lock: {retry:?}"
+    );
 }
