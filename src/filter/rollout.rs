@@ -321,12 +321,13 @@ fn etcd_error(root: &mut Root, now: u64, step: Step, e: &Error) {
     };
     root.metrics.rollout_error(kind);
     let r = &mut root.rollout;
-    r.failing = true;
     if now < r.logged_ms + ERROR_LOG_EVERY_MS && r.logged_ms > 0 {
         r.unlogged += 1;
         return;
     }
     r.logged_ms = now;
+    // The recovery is said once after a line like this one, not after every passing error.
+    r.failing = true;
     warn!(
         "handoff: rollout: etcd {} failed: {e} (the last record read stays in force; {} more \
          errors since the last line)",
