@@ -5,9 +5,9 @@
 //! `bucket < round(percent * 100)`. Because the bucket does not depend on the percent, raising
 //! the percent only ever moves users from stable to canary.
 
+use hashbrown::HashSet;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::collections::HashSet;
 
 use crate::guard::Guard;
 use crate::source::{cookie_value, RequestView, Source};

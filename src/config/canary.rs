@@ -1,9 +1,9 @@
 //! The `canary` section as written ([`RawCanary`]), its walk over the parsed JSON and its
 //! validation into the policy's [`Canary`].
 
+use hashbrown::HashSet;
 use serde::Deserialize;
 use serde_json::Value;
-use std::collections::HashSet;
 
 use super::error::{check_header_name, ConfigError};
 use super::source;

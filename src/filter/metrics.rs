@@ -4,10 +4,10 @@
 //! `handoff_canary_decisions.variant.canary.reason.hash`); the `stats_tags` in the shipped Envoy
 //! configs turn them into Prometheus labels.
 
+use hashbrown::HashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 use crate::canary::{Reason, Variant};
 use crate::drain::{DrainSource, Phase};
