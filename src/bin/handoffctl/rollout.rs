@@ -250,3 +250,32 @@ fn utc(ms: u64) -> String {
         None => format!("{ms} ms"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percents_read_and_print_as_the_configuration_rounds_them() {
+        assert_eq!(parse_percent("30").unwrap(), 3000);
+        assert_eq!(parse_percent("12.345").unwrap(), 1235);
+        assert_eq!(parse_percent("0").unwrap(), 0);
+        assert_eq!(parse_percent("100").unwrap(), 10_000);
+        for bad in ["-0.5", "100.01", "NaN", "inf", "", "30%"] {
+            assert!(parse_percent(bad).is_err(), "{bad}");
+        }
+        for (h, text) in [(None, "configured"), (Some(3000), "30"), (Some(1250), "12.5")] {
+            assert_eq!(percent_text(h), text);
+        }
+        assert_eq!(percent_text(Some(1)), "0.01");
+    }
+
+    #[test]
+    fn times_print_in_utc_and_out_of_range_as_the_number() {
+        assert_eq!(
+            utc(1_764_620_000_000),
+            "2025-12-01T20:13:20Z (1764620000000 ms)"
+        );
+        assert_eq!(utc(u64::MAX), format!("{} ms", u64::MAX));
+    }
+}
