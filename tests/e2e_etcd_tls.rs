@@ -61,7 +61,10 @@ async fn envoy_reaches_etcd_over_tls_with_a_client_certificate() {
     let b = envoy(&backend, &etcd, transport_socket(&pki, Some("client"))).await;
     let again = post(&h1(), b.url(PAY), Some("tls-1"), &payment(7)).await;
     assert_eq!(again.status, 201);
-    assert_eq!(again.headers["idempotent-replayed"], "true", "stored in etcd over TLS");
+    assert_eq!(
+        again.headers["idempotent-replayed"], "true",
+        "stored in etcd over TLS"
+    );
     assert_eq!(again.body, first.body);
 
     // Without a client certificate etcd refuses the handshake: nothing can be stored, and
