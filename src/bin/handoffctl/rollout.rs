@@ -264,7 +264,11 @@ mod tests {
         for bad in ["-0.5", "100.01", "NaN", "inf", "", "30%"] {
             assert!(parse_percent(bad).is_err(), "{bad}");
         }
-        for (h, text) in [(None, "configured"), (Some(3000), "30"), (Some(1250), "12.5")] {
+        for (h, text) in [
+            (None, "configured"),
+            (Some(3000), "30"),
+            (Some(1250), "12.5"),
+        ] {
             assert_eq!(percent_text(h), text);
         }
         assert_eq!(percent_text(Some(1)), "0.01");
