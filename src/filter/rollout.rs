@@ -80,17 +80,22 @@ pub fn tick_ms(config: &Config) -> Option<u64> {
     control_of(config).map(EtcdControl::tick_ms)
 }
 
+/// Every read-modify-write of this module through one instance of the shared CAS loop.
+fn swap(key: &str, f: &mut dyn FnMut(Option<&[u8]>) -> Write<bool>) -> Update<bool> {
+    update(&HostShared, key, CAS_RETRIES, f)
+}
+
 /// This Envoy's id: 16 hex digits made once per process, shared by its workers.
 fn envoy_id() -> String {
-    let fresh = hex::encode(&random_bytes()[..8]);
-    let out = update(&HostShared, ID_KEY, CAS_RETRIES, |v| match v {
-        Some(b) if b.len() == 16 => Write::Keep(String::from_utf8_lossy(b).into_owned()),
-        _ => Write::Write(fresh.clone().into_bytes(), fresh.clone()),
+    let mut id = hex::encode(&random_bytes()[..8]);
+    swap(ID_KEY, &mut |v| match v {
+        Some(b) if b.len() == 16 => {
+            id = String::from_utf8_lossy(b).into_owned();
+            Write::Keep(false)
+        }
+        _ => Write::Write(id.clone().into_bytes(), true),
     });
-    match out {
-        Update::Written(id) | Update::Unchanged(id) => id,
-        Update::Failed(_) => fresh,
-    }
+    id
 }
 
 /// After `on_configure` accepted a configuration: a new flow (a changed prefix or salt is
@@ -139,9 +144,7 @@ pub fn on_tick(root: &mut Root) {
     let now = now_us() / 1000;
     let hold = 3 * e.tick_ms() + e.timeout_ms;
     let me = root.rollout.worker_id;
-    let held = update(&HostShared, &poller_key, CAS_RETRIES, |v| {
-        poller(v, me, now, hold)
-    });
+    let held = swap(&poller_key, &mut |v| poller(v, me, now, hold));
     root.rollout.poller = matches!(held, Update::Written(true));
     if root.rollout.poller {
         drive(root, now);
@@ -296,9 +299,9 @@ fn publish(root: &Root, control: Control) {
         return;
     };
     let bytes = control.encode();
-    let out = update(&HostShared, &key, CAS_RETRIES, |v| match v {
-        Some(b) if b == bytes.as_slice() => Write::Keep(()),
-        _ => Write::Write(bytes.clone(), ()),
+    let out = swap(&key, &mut |v| match v {
+        Some(b) if b == bytes.as_slice() => Write::Keep(false),
+        _ => Write::Write(bytes.clone(), true),
     });
     if let Update::Failed(e) = out {
         warn!("handoff: rollout: control not shared with the other workers: {e:?}");

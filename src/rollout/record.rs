@@ -178,74 +178,80 @@ impl Record {
     /// percent out of range) are an error naming the field, never a panic.
     pub fn decode(bytes: &[u8]) -> Result<Record, String> {
         let v = crate::json::value(bytes)?;
-        let o = v.as_object().ok_or("expected a JSON object")?;
+        // One message for every field: the wasm carries one format, not one per field.
+        Record::read(&v).map_err(|field| format!("{field}: not the expected type or range"))
+    }
+
+    fn read(v: &Value) -> Result<Record, &'static str> {
+        let o = v.as_object().ok_or("the record (a JSON object)")?;
         let state = match o.get("state").and_then(Value::as_str) {
             Some("active") => State::Active,
             Some("aborted") => State::Aborted,
-            _ => return Err("state: expected \"active\" or \"aborted\"".to_string()),
+            _ => return Err("state (\"active\" or \"aborted\")"),
         };
         let percent = match o.get("percent") {
             None | Some(Value::Null) => None,
-            Some(p) => Some(percent_of(p).ok_or("percent: expected a number from 0 to 100")?),
-        };
-        let text = |name: &str| -> Result<String, String> {
-            match o.get(name) {
-                None | Some(Value::Null) => Ok(String::new()),
-                Some(Value::String(s)) => Ok(s.clone()),
-                _ => Err(format!("{name}: expected a string")),
-            }
+            Some(p) => Some(percent_of(p).ok_or("percent (0 to 100)")?),
         };
         let window = match o.get("window") {
             None | Some(Value::Null) => None,
-            Some(w) => Some(FleetWindow::decode(w).map_err(|e| format!("window.{e}"))?),
+            Some(w) => Some(FleetWindow::read(w.as_object().ok_or("window")?)?),
         };
         Ok(Record {
             state,
             percent,
-            updated_ms: uint(o.get("updated_ms"), "updated_ms")?,
-            by: text("by")?,
-            reason: text("reason")?,
+            updated_ms: uint(o, "updated_ms", "updated_ms")?,
+            by: text(o, "by")?,
+            reason: text(o, "reason")?,
             window,
         })
     }
 }
 
+type Object = serde_json::Map<String, Value>;
+
 impl FleetWindow {
-    fn decode(v: &Value) -> Result<FleetWindow, String> {
-        let o = v.as_object().ok_or("expected an object")?;
-        let get = |name: &str| uint(o.get(name), name);
-        let small = |name: &str| get(name).map(|n| n.min(u64::from(u32::MAX)) as u32);
-        let flag = |name: &str| o.get(name).and_then(Value::as_bool).unwrap_or(false);
-        let fig = |name: &str| -> Result<Figure, String> {
-            let f = o.get(name).and_then(Value::as_object);
-            let f = f.ok_or(format!("{name}: expected an object"))?;
-            let ms = f.get("quantile_ms").and_then(Value::as_f64).unwrap_or(0.0);
-            Ok(Figure {
-                requests: uint(f.get("requests"), "requests")?,
-                errors: uint(f.get("errors"), "errors")?,
-                quantile_us: (ms.max(0.0) * 1000.0).round() as u64,
-            })
-        };
+    fn read(o: &Object) -> Result<FleetWindow, &'static str> {
+        let small = |name, path| uint(o, name, path).map(|n| n.min(u64::from(u32::MAX)) as u32);
+        let flag = |name| o.get(name).and_then(Value::as_bool).unwrap_or(false);
         let q = o.get("quantile").and_then(Value::as_f64).unwrap_or(0.99);
         Ok(FleetWindow {
-            window: get("window")?,
-            window_s: small("window_s")?,
-            envoys: small("envoys")?,
-            bad_windows: small("bad_windows")?,
+            window: uint(o, "window", "window.window")?,
+            window_s: small("window_s", "window.window_s")?,
+            envoys: small("envoys", "window.envoys")?,
+            bad_windows: small("bad_windows", "window.bad_windows")?,
             bad_errors: flag("bad_errors"),
             bad_latency: flag("bad_latency"),
             quantile: (q.clamp(0.0, 1.0) * 10_000.0).round() as u32,
-            stable: fig("stable")?,
-            canary: fig("canary")?,
+            stable: figure(o, "stable", "window.stable")?,
+            canary: figure(o, "canary", "window.canary")?,
         })
     }
 }
 
-/// A whole number, 0 when absent.
-fn uint(v: Option<&Value>, name: &str) -> Result<u64, String> {
-    match v {
+fn figure(o: &Object, name: &str, path: &'static str) -> Result<Figure, &'static str> {
+    let f = o.get(name).and_then(Value::as_object).ok_or(path)?;
+    let ms = f.get("quantile_ms").and_then(Value::as_f64).unwrap_or(0.0);
+    Ok(Figure {
+        requests: uint(f, "requests", path)?,
+        errors: uint(f, "errors", path)?,
+        quantile_us: (ms.max(0.0) * 1000.0).round() as u64,
+    })
+}
+
+/// A whole number, 0 when absent; else the error names `path`.
+fn uint(o: &Object, name: &str, path: &'static str) -> Result<u64, &'static str> {
+    match o.get(name) {
         None | Some(Value::Null) => Ok(0),
-        Some(n) => n.as_u64().ok_or(format!("{name}: expected a whole number")),
+        Some(n) => n.as_u64().ok_or(path),
+    }
+}
+
+fn text(o: &Object, name: &'static str) -> Result<String, &'static str> {
+    match o.get(name) {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        _ => Err(name),
     }
 }
 
