@@ -211,7 +211,7 @@ mod tests {
             e.message,
             "unknown field `persent`, expected one of `salt`, `percent`, `user_id`, \
              `route_header`, `allow`, `deny`, `anonymous_cookie`, `override`, `response_header`, \
-             `guard`"
+             `guard`, `control`"
         );
         let e = err(r#"{"canary": {"salt": "s", "user_id": [{"header": "x"}]}}"#);
         assert_eq!(
