@@ -287,20 +287,22 @@ pub struct Kv {
 
 /// The first key of a range response (`kvs` holds at most one for a single-key range).
 fn first_kv(body: &str) -> Result<Option<Kv>, Error> {
-    let Some(kvs) = field(body, "kvs") else {
-        return Ok(None);
-    };
+    field(body, "kvs").map(kv_of).transpose()
+}
+
+/// The key that `kvs` starts with.
+fn kv_of(kvs: &str) -> Result<Kv, Error> {
     // An empty value is omitted, like every default.
     let value = match string_field(kvs, "value") {
         Some(v) => b64_decode(v).ok_or(Error::Malformed)?,
         None => Vec::new(),
     };
-    Ok(Some(Kv {
+    Ok(Kv {
         value,
         create_revision: int_field(kvs, "create_revision").ok_or(Error::Malformed)?,
         mod_revision: int_field(kvs, "mod_revision").ok_or(Error::Malformed)?,
         lease: int_field(kvs, "lease").unwrap_or(0),
-    }))
+    })
 }
 
 /// Every key of a range response. Each object of `kvs` is cut out by its braces: nothing in
@@ -316,7 +318,7 @@ fn all_kvs(body: &str) -> Result<Vec<Kv>, Error> {
             return Ok(out);
         }
         let close = rest[open..].find('}').ok_or(Error::Malformed)? + open;
-        out.extend(first_kv(&format!(r#"{{"kvs":{}}}"#, &rest[open..=close]))?);
+        out.push(kv_of(&rest[open..=close])?);
         rest = &rest[close + 1..];
     }
     Err(Error::Malformed)
