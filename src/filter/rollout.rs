@@ -197,8 +197,11 @@ pub fn on_root_call_response(root: &mut Root, token: u32, num_headers: usize, bo
     let answer = call_answer(&*root, num_headers, body_size);
     let now = now_us() / 1000;
     answered(root, now, answer, local_abort(&root.config));
-    // The next step (a write after a lost race, the counts after the lease) goes at once.
-    drive(root, now);
+    // The next step (a write after a lost race, the counts after the lease) goes at once,
+    // unless another worker took over the polling meanwhile.
+    if root.rollout.poller {
+        drive(root, now);
+    }
 }
 
 /// Hands an answer to the flow and applies what it says (the answer needs only the local

@@ -463,3 +463,37 @@ fn etcd_load_is_linear_in_the_envoys() {
         "one judge, one range read per window: {gathers}"
     );
 }
+
+#[test]
+fn two_judges_for_a_moment_write_each_window_once() {
+    let etcd = FakeEtcd::new();
+    let g = guard();
+    let [mut a, mut b] =
+        ["00000000000000a1", "00000000000000a2"].map(|id| envoy(id, Some(g.clone())));
+    a.counts = healthy;
+    b.counts = healthy;
+    run(&etcd, &mut [&mut a, &mut b], T0, T0 + 1000);
+    assert!(a.flow.leader());
+    // The leader key vanishes while `a` still believes it judges: `b` takes it too.
+    let key = record::leader_key(P, S);
+    etcd.apply_silently(&crate::etcd::txn(
+        &[],
+        &[crate::etcd::Op::Delete(&key)],
+        &[],
+    ));
+    run(&etcd, &mut [&mut a, &mut b], T0 + 1000, T0 + 60_000);
+    assert!(a.flow.leader() && b.flow.leader());
+    let mut judged: Vec<u64> = [&a, &b]
+        .iter()
+        .flat_map(|e| e.events.iter())
+        .filter_map(|ev| match ev {
+            Event::Judged(w) => Some(w.window),
+            _ => None,
+        })
+        .collect();
+    let n = judged.len();
+    judged.sort();
+    judged.dedup();
+    assert_eq!(judged.len(), n, "a window written twice: {judged:?}");
+    assert!(n >= 4, "{n}");
+}
