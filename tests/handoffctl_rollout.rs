@@ -78,7 +78,11 @@ async fn stored(url: &str) -> Option<(Value, i64)> {
 }
 
 async fn put_record(url: &str, record: &Value) {
-    let body = json!({"key": STANDARD.encode(key()), "value": STANDARD.encode(record.to_string())});
+    put(url, &key(), record.to_string().as_bytes()).await;
+}
+
+async fn put(url: &str, key: &str, value: &[u8]) {
+    let body = json!({"key": STANDARD.encode(key), "value": STANDARD.encode(value)});
     let (status, v) = gateway(url, "/v3/kv/put", body, None).await;
     assert_eq!(status, 200, "{v}");
 }
@@ -107,7 +111,10 @@ async fn each_command_writes_the_record_as_the_contract_says() {
     let o = rollout(&url, &["status", "--json"], &[]).await;
     expect(&o, 0);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v, json!({"key": key(), "record": null}));
+    assert_eq!(
+        v,
+        json!({"key": key(), "record": null, "judge": null, "reporting": 0})
+    );
     let o = rollout(&url, &["resume"], &[]).await;
     expect(&o, 0);
     assert!(stdout(&o).contains("already active"), "{}", stdout(&o));
@@ -127,7 +134,12 @@ async fn each_command_writes_the_record_as_the_contract_says() {
     let updated = r["updated_ms"].as_u64().unwrap();
     assert!((before..=now_ms()).contains(&updated), "{updated}");
 
-    // The judge writes its window; abort keeps it (and the percent).
+    // The judge writes its window (and holds the leader key; two Envoys report counts);
+    // abort keeps the window (and the percent).
+    put(&url, &format!("{}/leader", key()), b"00000000000000aa").await;
+    for id in ["00000000000000aa", "00000000000000bb"] {
+        put(&url, &format!("{}/counts/{id}", key()), b"\x01").await;
+    }
     let mut judged = judged_record();
     judged["percent"] = json!(30);
     put_record(&url, &judged).await;
@@ -157,6 +169,8 @@ async fn each_command_writes_the_record_as_the_contract_says() {
         "reason: payments 5xx after deploy 4411",
         "fleet window 29410333 (60 s, 3 Envoys, bad windows in a row: 1 (errors))",
         "p99 (ms)",
+        "judge: envoy:00000000000000aa",
+        "envoys reporting counts: 2",
     ] {
         assert!(out.contains(needle), "status lacks {needle:?}:\n{out}");
     }
@@ -184,6 +198,8 @@ async fn each_command_writes_the_record_as_the_contract_says() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["record"], r);
     assert_eq!(v["mod_revision"], rev_aborted);
+    assert_eq!(v["judge"], "00000000000000aa");
+    assert_eq!(v["reporting"], 2);
 
     // set-percent while aborted: the percent changes, the abort stays.
     let o = rollout(&url, &["set-percent", "12.5"], &[]).await;

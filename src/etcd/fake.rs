@@ -28,6 +28,9 @@ pub struct FakeEtcd {
     canned: RefCell<VecDeque<Canned>>,
     /// Requests answered (or refused) so far, by path.
     pub calls: RefCell<Vec<&'static str>>,
+    /// Of those, the ones a real etcd puts through raft: a put or delete, or a transaction
+    /// holding one in either branch (whether or not its compares hold).
+    pub proposals: Cell<usize>,
 }
 
 pub const UNAVAILABLE: &str = r#"{"error":"etcdserver: request timed out","message":"etcdserver: request timed out","code":14}"#;
@@ -93,6 +96,9 @@ impl FakeEtcd {
     /// The answer etcd gives.
     pub fn call(&self, r: &Request) -> Canned {
         self.calls.borrow_mut().push(r.path);
+        if is_proposal(r) {
+            self.proposals.set(self.proposals.get() + 1);
+        }
         if let Some(c) = self.canned.borrow_mut().pop_front() {
             return c;
         }
@@ -303,4 +309,13 @@ fn int(v: &Value) -> i64 {
 
 fn bytes(v: &Value) -> Vec<u8> {
     v.as_str().and_then(b64_decode).unwrap_or_default()
+}
+
+fn is_proposal(r: &Request) -> bool {
+    let has = |needle: &[u8]| r.body.windows(needle.len()).any(|w| w == needle);
+    match r.path {
+        "/v3/kv/put" | "/v3/kv/deleterange" => true,
+        "/v3/kv/txn" => has(b"request_put") || has(b"request_delete_range"),
+        _ => false,
+    }
 }

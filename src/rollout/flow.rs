@@ -10,8 +10,9 @@
 //!    abort is written on it unless it was changed later than the abort;
 //! 2. a fleet window judged and not yet written (see 6): write it, the same way;
 //! 3. every `poll_ms`: read the record. An Envoy that holds a lease and is not the leader
-//!    reads it in a transaction that also takes the leader key if it is absent, so trying to
-//!    lead costs nothing more;
+//!    reads it in a read-only transaction that also says whether the leader key is absent
+//!    (no raft proposal, unlike a transaction holding a put); only when it is does the Envoy
+//!    send, right away, the transaction that takes the key and reads the record again;
 //! 4. with a guard: a lease (`lease_ttl_s`, granted before the first poll), renewed every third
 //!    of its TTL;
 //! 5. once per window: this Envoy's summed counts of the last finished window, put under its
@@ -117,9 +118,24 @@ struct Pending {
 /// Write attempts of one fleet window before it is left to the next.
 const JUDGE_ATTEMPTS: u8 = 3;
 
+/// How a poll reads the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Poll {
+    /// The record alone (no lease, or this Envoy is the leader, or no fleet judgment).
+    Plain,
+    /// The record, and whether the leader key is absent: a transaction of reads only, which
+    /// etcd answers without a raft proposal (a transaction holding a put goes through
+    /// consensus even when its compare fails, so polling with the put would cost the cluster
+    /// a proposal per Envoy per poll).
+    Probe,
+    /// The leader key was absent at the last probe: take it if it still is, and read the
+    /// record in the same transaction.
+    Acquire,
+}
+
 #[derive(Debug, Clone)]
 enum Inflight {
-    Poll { acquire: bool },
+    Poll(Poll),
     WriteAbort { at_ms: u64, record: Record },
     Grant,
     Keepalive,
@@ -131,7 +147,7 @@ enum Inflight {
 impl Inflight {
     fn step(&self) -> Step {
         match self {
-            Inflight::Poll { .. } => Step::Poll,
+            Inflight::Poll(_) => Step::Poll,
             Inflight::WriteAbort { .. } => Step::WriteAbort,
             Inflight::Grant => Step::Grant,
             Inflight::Keepalive => Step::Keepalive,
@@ -161,6 +177,8 @@ pub struct Flow {
     lease: Option<i64>,
     renewed_ms: u64,
     leader: bool,
+    /// The last probe found no leader: the next poll tries to take the key.
+    leader_absent: bool,
     /// The last window whose counts this Envoy put.
     published: u64,
     /// The last fleet window this Envoy judged (or found judged).
@@ -185,6 +203,7 @@ impl Flow {
             lease: None,
             renewed_ms: 0,
             leader: false,
+            leader_absent: false,
             published: 0,
             judged: 0,
             judge: None,
@@ -271,22 +290,20 @@ impl Flow {
                 (Some(lease), false, Some(_)) => {
                     let leader = record::leader_key(prefix, salt);
                     let rec = record::record_key(prefix, salt);
-                    let take = Op::Put {
-                        key: &leader,
-                        value: self.id.as_bytes(),
-                        lease: Some(lease),
+                    let (poll, success) = if self.leader_absent {
+                        let take = Op::Put {
+                            key: &leader,
+                            value: self.id.as_bytes(),
+                            lease: Some(lease),
+                        };
+                        (Poll::Acquire, vec![take, Op::Range(&rec)])
+                    } else {
+                        (Poll::Probe, vec![Op::Range(&rec)])
                     };
-                    let r = etcd::txn(
-                        &[Compare::Absent(&leader)],
-                        &[take, Op::Range(&rec)],
-                        &[Op::Range(&rec)],
-                    );
-                    (Inflight::Poll { acquire: true }, r)
+                    let r = etcd::txn(&[Compare::Absent(&leader)], &success, &[Op::Range(&rec)]);
+                    (Inflight::Poll(poll), r)
                 }
-                _ => (
-                    Inflight::Poll { acquire: false },
-                    record::read(prefix, salt),
-                ),
+                _ => (Inflight::Poll(Poll::Plain), record::read(prefix, salt)),
             }
         } else {
             let g = self.s.guard.as_ref()?;
@@ -416,13 +433,17 @@ impl Flow {
         ev: &mut Vec<Event>,
     ) -> Result<(), Error> {
         match inflight {
-            Inflight::Poll { acquire } => {
-                let (won, kv) = if acquire {
-                    etcd::parse_txn_range(a)?
-                } else {
-                    (false, etcd::parse_range(a)?)
+            Inflight::Poll(poll) => {
+                let (absent, kv) = match poll {
+                    Poll::Plain => (false, etcd::parse_range(a)?),
+                    Poll::Probe | Poll::Acquire => etcd::parse_txn_range(a)?,
                 };
-                if won {
+                self.leader_absent = poll == Poll::Probe && absent;
+                if self.leader_absent {
+                    // Take it now rather than a poll later: a takeover stays within one poll.
+                    self.next_poll_ms = now_ms;
+                }
+                if poll == Poll::Acquire && absent {
                     self.leader = true;
                     ev.push(Event::Leader(true));
                 }

@@ -450,10 +450,18 @@ fn etcd_load_is_linear_in_the_envoys() {
     let mut refs: Vec<&mut Envoy> = envoys.iter_mut().collect();
     run(&etcd, &mut refs, T0, T0 + 20_000);
     let before = etcd.calls.borrow().len();
+    let proposals_before = etcd.proposals.get();
     run(&etcd, &mut refs, T0 + 20_000, T0 + 120_000);
     let per_envoy_per_s = (etcd.calls.borrow().len() - before) as f64 / 20.0 / 100.0;
     // A poll a second, a counts put and a keepalive share per window, one gather a window.
     assert!(per_envoy_per_s < 1.5, "{per_envoy_per_s}");
+    // Polls are reads (no raft proposal): what goes through consensus is a counts put per
+    // Envoy per window and the judge's record write.
+    let proposals = (etcd.proposals.get() - proposals_before) as f64 / 20.0 / 100.0;
+    assert!(
+        proposals < 0.15,
+        "raft proposals per Envoy per second: {proposals}"
+    );
     let gathers: usize = refs
         .iter()
         .map(|e| e.sent.iter().filter(|s| **s == Step::Gather).count())

@@ -51,8 +51,9 @@ USAGE:
   handoffctl rollout set-percent PERCENT --etcd URL --salt S [--prefix P] [CONNECTION]
       Fleet rollout control: read or change the rollout record at PREFIX SALT (prefix
       default /handoff/rollout/, salt: the canary.salt of the configuration) through etcd's
-      v3 JSON gateway at URL. status prints the record (state, percent, when, by whom, why)
-      and the last fleet window per cohort (--json: the stored record, key and revision);
+      v3 JSON gateway at URL. status prints the record (state, percent, when, by whom, why),
+      the judging Envoy, how many Envoys report, and the last fleet window per cohort (--json:
+      the stored record, key, revision, judge and reporting count);
       with no record, the fleet is active at the configured percent. abort sends every user
       to stable; resume brings the cohorts back (a no-op when active); set-percent replaces
       the configured percent (0 to 100) without a configuration push. Every change is a

@@ -76,7 +76,10 @@ pub fn command(args: &[String]) -> Result<(), Failure> {
     let key = record::record_key(prefix, salt);
     let now = now_ms();
     let next = match sub.as_str() {
-        "status" => return status(&gateway, &key, &read, opts.flag("json")),
+        "status" => {
+            let fleet = Fleet::read(&gateway, prefix, salt)?;
+            return status(&gateway, &key, &read, &fleet, opts.flag("json"));
+        }
         "abort" => {
             let reason = opts.get("reason").unwrap_or("aborted with handoffctl");
             // An emergency brake works even over a value no reader understands (the Envoys
@@ -153,13 +156,55 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn status(gateway: &Gateway, key: &str, read: &Read, json: bool) -> Result<(), Failure> {
+/// Who judges the fleet and how many Envoys have counts published (their leases alive).
+struct Fleet {
+    judge: Option<String>,
+    reporting: usize,
+}
+
+impl Fleet {
+    fn read(gateway: &Gateway, prefix: &str, salt: &str) -> Result<Fleet, Failure> {
+        let leader = record::leader_key(prefix, salt);
+        let judge = gateway
+            .call(&handoff::etcd::range(&leader), handoff::etcd::parse_range)?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+        let counts = record::counts_prefix(prefix, salt);
+        let reporting = gateway
+            .call(
+                &handoff::etcd::range_prefix(&counts),
+                handoff::etcd::parse_range_all,
+            )?
+            .len();
+        Ok(Fleet { judge, reporting })
+    }
+
+    /// The lines status prints (none when no Envoy judges or reports).
+    fn text(&self) -> String {
+        let mut out = String::new();
+        if let Some(j) = &self.judge {
+            out.push_str(&format!("judge: envoy:{j}\n"));
+        }
+        if self.judge.is_some() || self.reporting > 0 {
+            out.push_str(&format!("envoys reporting counts: {}\n", self.reporting));
+        }
+        out
+    }
+}
+
+fn status(
+    gateway: &Gateway,
+    key: &str,
+    read: &Read,
+    fleet: &Fleet,
+    json: bool,
+) -> Result<(), Failure> {
     if json {
-        return status_json(gateway, key, read);
+        return status_json(gateway, key, read, fleet);
     }
     let r = match &read.record {
         None => {
             println!("no record: active at the configured percent");
+            print!("{}", fleet.text());
             return Ok(());
         }
         Some(Ok(r)) => r,
@@ -173,15 +218,16 @@ fn status(gateway: &Gateway, key: &str, read: &Read, json: bool) -> Result<(), F
         "reason: {}",
         if r.reason.is_empty() { "-" } else { &r.reason }
     );
+    print!("{}", fleet.text());
     if let Some(w) = &r.window {
         print!("{}", window_table(w));
     }
     Ok(())
 }
 
-/// The record as stored, with its key and revision, for scripts (`record` is null when there
-/// is none).
-fn status_json(gateway: &Gateway, key: &str, read: &Read) -> Result<(), Failure> {
+/// The record as stored, with its key and revision, the judge's id and how many Envoys report,
+/// for scripts (`record` and `judge` are null when there is none).
+fn status_json(gateway: &Gateway, key: &str, read: &Read, fleet: &Fleet) -> Result<(), Failure> {
     let stored = match read.record {
         None => serde_json::Value::Null,
         // Read again for the raw value: unknown keys a newer writer added are shown too.
@@ -191,7 +237,12 @@ fn status_json(gateway: &Gateway, key: &str, read: &Read) -> Result<(), Failure>
                 .unwrap_or(serde_json::Value::Null)
         }
     };
-    let mut out = serde_json::json!({"key": key, "record": stored});
+    let mut out = serde_json::json!({
+        "key": key,
+        "record": stored,
+        "judge": fleet.judge,
+        "reporting": fleet.reporting,
+    });
     if let Some(r) = read.revision {
         out["mod_revision"] = serde_json::json!(r);
     }
@@ -248,5 +299,38 @@ fn utc(ms: u64) -> String {
     match formatted {
         Some(t) => format!("{t} ({ms} ms)"),
         None => format!("{ms} ms"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percents_read_and_print_as_the_configuration_rounds_them() {
+        assert_eq!(parse_percent("30").unwrap(), 3000);
+        assert_eq!(parse_percent("12.345").unwrap(), 1235);
+        assert_eq!(parse_percent("0").unwrap(), 0);
+        assert_eq!(parse_percent("100").unwrap(), 10_000);
+        for bad in ["-0.5", "100.01", "NaN", "inf", "", "30%"] {
+            assert!(parse_percent(bad).is_err(), "{bad}");
+        }
+        for (h, text) in [
+            (None, "configured"),
+            (Some(3000), "30"),
+            (Some(1250), "12.5"),
+        ] {
+            assert_eq!(percent_text(h), text);
+        }
+        assert_eq!(percent_text(Some(1)), "0.01");
+    }
+
+    #[test]
+    fn times_print_in_utc_and_out_of_range_as_the_number() {
+        assert_eq!(
+            utc(1_764_620_000_000),
+            "2025-12-01T20:13:20Z (1764620000000 ms)"
+        );
+        assert_eq!(utc(u64::MAX), format!("{} ms", u64::MAX));
     }
 }
