@@ -253,12 +253,18 @@ FUZZ_TARGETS  := config_parse cookie_query cohort translate_json sse_inject webs
 FUZZ_RUN      = RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run --fuzz-dir fuzz $(1) \
   fuzz/corpus/$(1) fuzz/seeds/$(1) fuzz/regressions/$(1) -- -max_total_time=$(2) -print_final_stats=1
 
+# A failed run is a crash only when libFuzzer wrote an input for it; otherwise the target did
+# not build or run (the log above says why).
+FUZZ_FAILED = if ls fuzz/artifacts/$(1)/crash-* fuzz/artifacts/$(1)/oom-* fuzz/artifacts/$(1)/timeout-* \
+  >/dev/null 2>&1; then echo "fuzz $(1) found a crash: see fuzz/artifacts/$(1)"; \
+  else echo "fuzz $(1) failed without a crash input (build or run error: see the log above)"; fi
+
 fuzz: $(CARGO_FUZZ)
 	@for t in $(FUZZ_TARGETS); do mkdir -p fuzz/corpus/$$t fuzz/seeds/$$t fuzz/regressions/$$t; done
 	@set -e; for t in $(FUZZ_TARGETS); do echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
 	  if $(call FUZZ_RUN,$$t,$(FUZZ_SECONDS)) >fuzz/fuzz-$$t.log 2>&1; then \
 	    grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' fuzz/fuzz-$$t.log || true; \
-	  else tail -40 fuzz/fuzz-$$t.log; echo "fuzz $$t found a crash: see fuzz/artifacts/$$t"; exit 1; fi; done
+	  else tail -40 fuzz/fuzz-$$t.log; $(call FUZZ_FAILED,$$t); exit 1; fi; done
 
 # The smoke run of `make test`: replays the committed seeds and regression inputs, then fuzzes
 # each target for FUZZ_SMOKE_SECONDS.
@@ -267,7 +273,7 @@ fuzz-smoke: $(CARGO_FUZZ)
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  $(call FUZZ_RUN,$$t,$(FUZZ_SMOKE_SECONDS)) >fuzz/smoke-$$t.log 2>&1 \
 	    && echo "fuzz smoke ok: $$t ($$(grep -o 'Done [0-9]* runs' fuzz/smoke-$$t.log))" \
-	    || { tail -40 fuzz/smoke-$$t.log; echo "fuzz $$t found a crash: see fuzz/artifacts/$$t"; exit 1; }; done
+	    || { tail -40 fuzz/smoke-$$t.log; $(call FUZZ_FAILED,$$t); exit 1; }; done
 
 # --- Rollout scenario -----------------------------------------------------------------------
 # The full profile: several minutes of load, writes bench/rollout.md. `make test` runs the
