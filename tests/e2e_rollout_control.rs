@@ -109,45 +109,20 @@ async fn record(etcd: &Etcd) -> Option<Value> {
         .map(|v| serde_json::from_slice(&v).expect("record JSON"))
 }
 
+/// The value of `key`; `None` when absent or when etcd did not answer.
 async fn get(etcd: &Etcd, key: &str) -> Option<Vec<u8>> {
-    use base64::engine::general_purpose::STANDARD;
-    use base64::Engine;
-    let v: Value = h1()
-        .post(etcd.url("/v3/kv/range"))
-        .json(&json!({"key": STANDARD.encode(key)}))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    let value = v.pointer("/kvs/0/value")?.as_str()?;
-    STANDARD.decode(value).ok()
+    etcd.values(key, false).await?.into_iter().next()
 }
 
 /// Every Envoy's published counts: (window, canary requests) per counts key.
 async fn published_counts(etcd: &Etcd) -> Vec<(u64, u64)> {
-    use base64::engine::general_purpose::STANDARD;
-    use base64::Engine;
     let prefix = handoff::rollout::record::counts_prefix(PREFIX, SALT);
-    let mut range_end = prefix.clone().into_bytes();
-    *range_end.last_mut().unwrap() += 1;
-    let v: Value = h1()
-        .post(etcd.url("/v3/kv/range"))
-        .json(&json!({"key": STANDARD.encode(&prefix), "range_end": STANDARD.encode(&range_end)}))
-        .send()
+    etcd.values(&prefix, true)
         .await
-        .expect("etcd")
-        .json()
-        .await
-        .expect("etcd JSON");
-    v["kvs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|kv| {
-            let b = STANDARD.decode(kv["value"].as_str()?).ok()?;
-            let (w, counts) = handoff::rollout::record::decode_counts(&b)?;
+        .expect("etcd reachable")
+        .iter()
+        .filter_map(|b| {
+            let (w, counts) = handoff::rollout::record::decode_counts(b)?;
             Some((w, counts.canary.requests))
         })
         .collect()

@@ -214,30 +214,53 @@ impl Etcd {
 
     /// How many keys live under `prefix` (through the v3 JSON gateway).
     pub async fn count(&self, prefix: &str) -> u64 {
-        use base64::engine::general_purpose::STANDARD;
-        use base64::Engine;
-        let mut end = prefix.as_bytes().to_vec();
-        if let Some(last) = end.last_mut() {
-            *last += 1;
-        }
-        let body = serde_json::json!({
-            "key": STANDARD.encode(prefix),
-            "range_end": STANDARD.encode(&end),
-            "count_only": true,
-        });
-        let v: serde_json::Value = super::h1()
-            .post(self.url("/v3/kv/range"))
-            .json(&body)
-            .send()
+        let v = self
+            .range(prefix, true, true)
             .await
-            .expect("etcd reachable")
-            .json()
-            .await
-            .expect("etcd JSON");
+            .expect("etcd reachable");
         v["count"]
             .as_str()
             .and_then(|c| c.parse().ok())
             .unwrap_or(0)
+    }
+
+    /// The values of `key`, or of every key under it with `prefix`, in key order; `None`
+    /// when etcd did not answer (it may be stopped on purpose).
+    pub async fn values(&self, key: &str, prefix: bool) -> Option<Vec<Vec<u8>>> {
+        use base64::engine::general_purpose::STANDARD;
+        use base64::Engine;
+        let v = self.range(key, prefix, false).await?;
+        let values = v["kvs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|kv| STANDARD.decode(kv["value"].as_str()?).ok())
+            .collect();
+        Some(values)
+    }
+
+    /// One range request of the v3 JSON gateway: `key` alone, or every key under it; `None`
+    /// when etcd did not answer with JSON.
+    async fn range(&self, key: &str, prefix: bool, count_only: bool) -> Option<serde_json::Value> {
+        use base64::engine::general_purpose::STANDARD;
+        use base64::Engine;
+        let mut body = serde_json::json!({"key": STANDARD.encode(key), "count_only": count_only});
+        if prefix {
+            let mut end = key.as_bytes().to_vec();
+            if let Some(last) = end.last_mut() {
+                *last += 1;
+            }
+            body["range_end"] = STANDARD.encode(&end).into();
+        }
+        super::h1()
+            .post(self.url("/v3/kv/range"))
+            .json(&body)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
     }
 }
 
