@@ -87,7 +87,12 @@ async fn a_user_keeps_its_variant_and_reaches_that_cluster() {
     // What the upstream saw is the filter's header.
     let seen = s.canary.last().await;
     assert_eq!(seen["headers"]["x-canary-variant"], "canary");
-    let stats = s.envoy.stats().await;
+    let stats = s
+        .envoy
+        .stats_when("handoff_canary_decisions", "the decisions counted", |st| {
+            st.decisions("canary", "hash") >= 200.0 && st.decisions("stable", "hash") >= 200.0
+        })
+        .await;
     assert_eq!(stats.decisions("canary", "hash"), 200.0);
     assert_eq!(stats.decisions("stable", "hash"), 200.0);
     let _ = &s.stable;
@@ -134,7 +139,12 @@ async fn canary_share_over_100k_users_matches_percent() {
     for (u, v) in users.iter().zip(&got) {
         assert_eq!(v, cohort(SALT, u, 12.5), "{u}");
     }
-    let stats = s.envoy.stats().await;
+    let stats = s
+        .envoy
+        .stats_when("handoff_canary_decisions", "the decisions counted", |st| {
+            st.decisions("canary", "hash") >= canary as f64
+        })
+        .await;
     assert_eq!(stats.decisions("canary", "hash"), canary as f64);
 }
 
@@ -233,7 +243,12 @@ async fn allow_and_deny_lists_win_over_the_hash_and_deny_wins_over_allow() {
         .await;
         assert_eq!(got.0, "stable", "{proto} deny");
     }
-    let stats = s.envoy.stats().await;
+    let stats = s
+        .envoy
+        .stats_when("handoff_canary_decisions", "the decisions counted", |st| {
+            st.decisions("canary", "allow") >= 2.0 && st.decisions("stable", "deny") >= 2.0
+        })
+        .await;
     assert_eq!(stats.decisions("canary", "allow"), 2.0);
     assert_eq!(stats.decisions("stable", "deny"), 2.0);
 }
@@ -271,7 +286,12 @@ async fn anonymous_users_get_a_cookie_and_keep_their_variant() {
             assert_eq!(r.headers()["x-upstream"], first.as_str(), "{proto}");
         }
     }
-    let stats = s.envoy.stats().await;
+    let stats = s
+        .envoy
+        .stats_when("handoff_canary_decisions", "42 decisions counted", |st| {
+            st.sum("handoff_canary_decisions") >= 42.0
+        })
+        .await;
     assert_eq!(stats.sum("handoff_canary_decisions") as u32, 42);
     assert_eq!(
         stats.sum_with("handoff_canary_decisions", &[("reason", "anonymous")]),
@@ -312,7 +332,12 @@ async fn a_signed_override_forces_the_variant_and_a_forged_one_is_ignored() {
             assert_eq!(variant_of(&client, req).await.0, "stable", "{proto} {f}");
         }
     }
-    let stats = s.envoy.stats().await;
+    let stats = s
+        .envoy
+        .stats_when("handoff_canary_decisions", "the decisions counted", |st| {
+            st.decisions("canary", "override") >= 2.0
+        })
+        .await;
     assert_eq!(stats.decisions("canary", "override"), 2.0);
     assert_eq!(stats.get("handoff_canary_override_rejected", &[]), 8.0);
 }
@@ -351,7 +376,12 @@ async fn the_user_id_comes_from_the_verified_jwt_claim() {
         let req = client.get(s.envoy.url("/")).bearer_auth(&forged);
         assert_eq!(variant_of(&client, req).await.0, "stable", "{proto}");
     }
-    let stats = s.envoy.stats().await;
+    let stats = s
+        .envoy
+        .stats_when("handoff_canary_decisions", "the decisions counted", |st| {
+            st.decisions("canary", "hash") >= 2.0 && st.decisions("stable", "unidentified") >= 2.0
+        })
+        .await;
     assert_eq!(stats.decisions("canary", "hash"), 2.0);
     assert_eq!(stats.decisions("stable", "unidentified"), 2.0);
 }

@@ -322,7 +322,14 @@ async fn errors_abort_the_canary_within_two_windows() {
     );
     assert_eq!(log.matches("canary aborted:").count(), 1, "logged once");
     assert!(log.contains("configuration accepted: canary 20% guarded (2 s windows)"));
-    let stats = s.envoy.stats().await;
+    let stats = s
+        .envoy
+        .stats_when(
+            "handoff_canary_decisions",
+            "aborted decisions counted",
+            |st| st.sum_with("handoff_canary_decisions", &[("reason", "aborted")]) > 0.0,
+        )
+        .await;
     let m = |n: &str, l: &[(&str, &str)]| stats.get(n, l);
     assert_eq!(
         m("handoff_canary_guard_aborts", &[("trigger", "errors")]),

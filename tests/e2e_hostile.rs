@@ -14,7 +14,9 @@ use base64::Engine;
 use serde_json::{json, Value};
 use sha2::Sha256;
 use support::tokens::{jwt, sign_override};
-use support::{assert_survived, clients, cohort, raw_h1, user_in, Backend, Envoy, EnvoyOpts, Resp};
+use support::{
+    assert_survived, clients, cohort, raw_h1, user_in, Backend, Envoy, EnvoyOpts, Resp, Stats,
+};
 
 const SALT: &str = "checkout-2026-11";
 /// 10 MiB.
@@ -139,7 +141,14 @@ async fn a_64_kb_cookie_is_refused_by_envoy_and_a_40_kb_one_is_parsed() {
             "{proto}: an oversized id is no id; the user gets an anonymous one"
         );
     }
-    let stats = s.envoy.stats().await;
+    let stats = s
+        .envoy
+        .stats_when(
+            "handoff_canary_decisions",
+            "2 anonymous decisions counted",
+            |st| st.sum("handoff_canary_decisions") >= 2.0,
+        )
+        .await;
     assert_eq!(
         stats.sum_with("handoff_canary_decisions", &[("reason", "anonymous")]),
         2.0
@@ -319,7 +328,7 @@ async fn forged_override_signatures_are_ignored() {
                 .is_none());
         }
     }
-    let stats = s.envoy.stats().await;
+    let stats = decided(&s.envoy, forged.len() * 2).await;
     assert_eq!(
         stats.get("handoff_canary_override_rejected", &[]),
         (forged.len() * 2) as f64
@@ -375,7 +384,7 @@ async fn forged_jwts_never_provide_the_user_id() {
             );
         }
     }
-    let stats = s.envoy.stats().await;
+    let stats = decided(&s.envoy, forged.len() * 2).await;
     assert_eq!(stats.decisions("canary", "allow"), 0.0);
     still_serves(&s.envoy).await;
 }
@@ -618,4 +627,16 @@ async fn still_serves_path(envoy: &Envoy, path: &str) {
         assert!(r.status().is_success(), "{proto}: {}", r.status());
     }
     assert_survived(envoy).await;
+}
+
+/// The stats once the canary's decisions of `n` requests are counted (they are added to Envoy's
+/// counters once a tick).
+async fn decided(envoy: &Envoy, n: usize) -> Stats {
+    envoy
+        .stats_when(
+            "handoff_canary_decisions",
+            "every request's decision counted",
+            |st| st.sum("handoff_canary_decisions") >= n as f64,
+        )
+        .await
 }

@@ -3,6 +3,7 @@ start-up, host calls and perf profiles; `bench.py run` and `bench.py profile`.
 """
 
 import argparse
+import hashlib
 import datetime
 import json
 import os
@@ -291,7 +292,7 @@ def cmd_run(args):
         profiles = {}
         if not args.no_profile:
             print("bench: perf profiles")
-            for name in ("B", "C1", "C2", "C3", "C4", "C5-replay"):
+            for name in ("B", "C1", "C1-guard", "C2", "C3", "C4", "C5-first", "C5-replay"):
                 v = VARIANT_BY_NAME[name]
                 if v in selected and v.name not in skipped and (not v.upstream or v.upstream in upstreams):
                     profiles[name] = perf_profile(binary, v, ports, run_dir, 3 if quick else 8)
@@ -319,9 +320,46 @@ def cmd_run(args):
         "profiles": profiles,
         "d2_gaps": D2_GAPS,
     }
+    facts["wasm_sha256"] = file_sha256(HANDOFF_WASM_RUN)
+    facts["commit"] = git_commit()
+    keep_previous_run(data)
     with open(os.path.join(BENCH, "results.json"), "w") as f:
         json.dump(data, f, indent=1)
     render(data)
+
+
+def keep_previous_run(data):
+    """A target counts as met when it holds in two full runs of the same build: before a full run
+    overwrites bench/results.json, the full run of the same wasm it holds becomes
+    bench/results.previous.json (a run of another build, or a quick run, does not)."""
+    cur = os.path.join(BENCH, "results.json")
+    try:
+        with open(cur) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return
+    f_old, f_new = old.get("facts", {}), data["facts"]
+    if f_new["mode"] == "full" and f_old.get("mode") == "full" and f_old.get("wasm_sha256") == f_new["wasm_sha256"] \
+            and len(old.get("variants", [])) == len(data["variants"]):
+        os.replace(cur, os.path.join(BENCH, "results.previous.json"))
+
+
+def file_sha256(p):
+    try:
+        with open(os.path.join(ROOT, p), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def git_commit():
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "Cargo.lock", "Cargo.toml"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+changes in src" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def perf_profile(binary, v, ports, run_dir, seconds):

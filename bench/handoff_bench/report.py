@@ -105,86 +105,43 @@ def render(data):
              "*added / D's added* in units of the peer doing the same job (D1 for canary-like variants, D2 for "
              "translation). The ratios are of medians.\n")
 
-    # Targets
+    # Targets: issue #16's table, for this run and, when there is one, the previous full run of the
+    # same build (bench/results.previous.json). A target is met when it holds in both.
+    rows = targets(data)
+    prev = previous_run(data)
+    prow = {r[0]: r for r in targets(prev)} if prev else {}
     L.append("## Targets\n")
-    L.append("| target | figures | result |")
-    L.append("| --- | --- | --- |")
+    if prev:
+        L.append("Each target is a ratio of medians of one interleaved run. It counts as **met** when it holds in "
+                 "two separate full runs of the same build: this run (%s) and the previous one (%s, kept in "
+                 "`bench/results.previous.json`).\n" % (facts["date"], prev["facts"]["date"]))
+    else:
+        L.append("Each target is a ratio of medians of one interleaved run. It counts as met when it holds in two "
+                 "separate full runs of the same build; %s, so a target that holds here is only **met in one run**.\n" % (
+                     "this is a quick run" if facts["mode"] == "quick" else
+                     "no earlier full run of this build (same wasm bytes) is on record"))
+    L.append("| target | this run | previous run | result |")
+    L.append("| --- | --- | --- | --- |")
     missed = []
-
-    def target(label, figures, ok, by_how_much, variant=None):
+    for label, figures, ok, by_how_much, variant in rows:
+        p = prow.get(label)
+        pfig = ("%s (%s)" % (p[1], "holds" if p[2] else "misses" if p[2] is not None else "not measured")) if p else "—"
         if ok is None:
-            L.append("| %s | %s | not measured |" % (label, figures))
-            return
-        L.append("| %s | %s | %s |" % (label, figures, "met" if ok else "**missed** by %s" % by_how_much))
-        if not ok:
+            verdict = "not measured"
+        elif not ok:
+            verdict = "**missed** by %s" % by_how_much
+        elif p and p[2]:
+            verdict = "met (both runs)"
+        elif p and p[2] is False:
+            verdict = "**missed** (held here, not in the previous run)"
+        else:
+            verdict = "holds in this run (needs a second full run)"
+        L.append("| %s | %s | %s | %s |" % (label, figures, pfig, verdict))
+        if ok is False or (p and p[2] is False):
             missed.append((label, variant))
 
-    def have(*xs):
-        return all(x is not None for x in xs)
-
-    C1, C2, C3, C5r, Aup, Afwd = cpu("C1"), cpu("C2"), cpu("C3"), cpu("C5-replay"), cpu("A-up"), cpu("A-fwd")
-    if have(A, B, C1):
-        lim = 0.5 * (B - A)
-        target("C1 − B ≤ 0.5 × (B − A)", "C1 − B = %.1f µs, limit %.1f µs; D1 − A = %s" % (
-            C1 - B, lim, "%.1f µs" % (D1 - A) if have(D1) else "n/a"), C1 - B <= lim, "%.1f µs" % (C1 - B - lim), "C1")
-    else:
-        target("C1 − B ≤ 0.5 × (B − A)", "needs A, B, C1", None, None)
-    if have(A, B, C2):
-        lim = B - A
-        target("C2 − B ≤ 1.0 × (B − A)", "C2 − B = %.1f µs, limit %.1f µs" % (C2 - B, lim), C2 - B <= lim, "%.1f µs" % (C2 - B - lim), "C2")
-    else:
-        target("C2 − B ≤ 1.0 × (B − A)", "needs A, B, C2: %s" % (by.get("C2", {}).get("skipped") or "not run"), None, None)
-    if have(A, B, C3, D2, Afwd):
-        lim = 2 * (D2 - Afwd)
-        c3b = (C3 - Afwd) - (B - A)
-        target("C3 − B ≤ 2 × (D2 − A)", "(C3 − A-fwd) − (B − A) = %.1f µs, limit 2 × (D2 − A-fwd) = %.1f µs (D2 does less: see gaps)" % (c3b, lim),
-               c3b <= lim, "%.1f µs" % (c3b - lim), "C3")
-    else:
-        target("C3 − B ≤ 2 × (D2 − A)", "needs A, B, C3, D2: %s" % (by.get("C3", {}).get("skipped") or by.get("D2", {}).get("skipped") or "not run"), None, None)
-    if have(C5r, Aup):
-        target("C5 replay < A with a real upstream", "C5 replay %.1f µs, A-up %.1f µs" % (C5r, Aup), C5r < Aup, "%.1f µs" % (C5r - Aup), "C5-replay")
-    else:
-        target("C5 replay < A with a real upstream", "needs C5-replay, A-up: %s" % (by.get("C5-replay", {}).get("skipped") or by.get("A-up", {}).get("skipped") or "not run"), None, None)
-    if have(rss("C2"), rss("B")):
-        d = rss("C2") - rss("B")
-        target("RSS(C2) − RSS(B) ≤ 8 MiB", "%.1f MiB" % d, d <= 8, "%.1f MiB" % (d - 8), "C2")
-    else:
-        target("RSS(C2) − RSS(B) ≤ 8 MiB", "needs C2, B", None, None)
-    C4, Afwd64, D264 = cpu("C4"), cpu("A-fwd64"), cpu("D2-64")
-    if have(C3, D2, Afwd):
-        lim = 0.5 * (D2 - Afwd)
-        target("C3 − A-fwd ≤ 0.5 × (D2 − A-fwd)", "C3 − A-fwd = %.1f µs, limit %.1f µs" % (C3 - Afwd, lim),
-               C3 - Afwd <= lim, "%.1f µs" % (C3 - Afwd - lim), "C3")
-    if have(C4, D264, Afwd64):
-        lim = D264 - Afwd64
-        target("C4 − A-fwd64 ≤ 1.0 × (D2-64 − A-fwd64)", "C4 − A-fwd64 = %.1f µs (%.0f ns per body byte), limit %.1f µs" % (
-            C4 - Afwd64, (C4 - Afwd64) * 1000 / 65536, lim), C4 - Afwd64 <= lim, "%.1f µs" % (C4 - Afwd64 - lim), "C4")
-    if have(rss("C1-allow-100k"), rss("C1-allow-10")):
-        d = rss("C1-allow-100k") - rss("C1-allow-10")
-        target("100,000-id allow list: RSS − RSS(10 ids) ≤ 8 MiB at --concurrency 2", "%.1f MiB" % d, d <= 8, "%.1f MiB" % (d - 8),
-               "C1-allow-100k")
-    hw = data["wasm"]["handoff"]
-    if hw:
-        target("handoff.wasm ≤ 300 KB (300,000 B)", "%d B (noop: %s B)" % (hw, data["wasm"]["noop"]), hw <= 300000, "%d B" % (hw - 300000))
-    starts = [(v["name"], med(v["runs"], "start_s")[0]) for v in data["variants"] if v["wasm"] == "handoff" and v["runs"]]
-    if starts:
-        worst = max(starts, key=lambda x: x[1])
-        floor = ["%s %.0f ms" % (n, med(by[n]["runs"], "start_s")[0] * 1000) for n in ("A", "B") if n in by and by[n]["runs"]]
-        target("start → first 200 < 1 s", "slowest handoff variant %s: %.0f ms (%s; V8 compiles the module at start)" % (
-            worst[0], worst[1] * 1000, ", ".join(floor) or "no floor measured"), worst[1] < 1.0, "%.0f ms" % (worst[1] * 1000 - 1000))
-    s = data.get("soak")
-    if s and not s.get("skipped"):
-        # the store is full after max_entries (10,000) keys: from there on RSS should not grow
-        after = [p for p in s["points"] if p["keys"] >= SOAK_ENTRIES]
-        flat = (max(p["rss_mib"] for p in after) - min(p["rss_mib"] for p in after)) if len(after) >= 2 else None
-        target("RSS flat in the soak once the store is full (≤ 4 MiB drift)",
-               "RSS from %s to %s keys varies by %s" % ("{:,}".format(after[0]["keys"]) if after else "?", "{:,}".format(after[-1]["keys"]) if after else "?",
-                                                       "%.1f MiB" % flat if flat is not None else "n/a"),
-               (flat <= 4) if flat is not None else None, "%.1f MiB" % ((flat or 0) - 4))
-    else:
-        target("RSS flat in the soak once the store is full", "soak %s" % ("skipped: " + s["skipped"] if s else "not run"), None, None)
-
     hcs = data.get("host_calls") or {}
+    s = data.get("soak")
 
     def hc_line(name):
         hc = hcs.get(name)
@@ -215,6 +172,14 @@ def render(data):
                 L.append("- **%s**: see the figure above." % label)
         if "B" in profs and any(v in profs for _, v in missed):
             L.append("The floor, B, for comparison:\n\n```\n%s\n```" % profs["B"])
+
+    # What was tried for each miss: kept by hand in bench/tried.md, shown with every run's figures.
+    try:
+        tried = open(os.path.join(BENCH, "tried.md")).read().strip()
+    except OSError:
+        tried = ""
+    if tried:
+        L.append("\n" + tried)
 
     if hcs:
         L.append("\n## Host calls per request\n")
@@ -253,6 +218,138 @@ def render(data):
         f.write(text)
     print(text)
     chart(data)
+
+
+def previous_run(data):
+    """The previous full run of the same build, if bench/results.previous.json holds one."""
+    try:
+        with open(os.path.join(BENCH, "results.previous.json")) as f:
+            prev = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = prev.get("facts", {}).get("wasm_sha256") and prev["facts"].get("wasm_sha256") == data["facts"].get("wasm_sha256")
+    if prev.get("facts", {}).get("mode") != "full" or data["facts"].get("mode") != "full" or not same:
+        return None
+    return prev
+
+
+def rollout_p99():
+    """(handoff, baseline, what) p99 steady in ms from bench/rollout.md (`make rollout`), or None."""
+    try:
+        text = open(os.path.join(BENCH, "rollout.md")).read()
+    except OSError:
+        return None
+    m = re.search(r"^\| p99 latency, steady \| ([\d.]+) ms \| ([\d.]+) ms \|", text, re.M)
+    g = re.search(r"^Generated by `([^`]+)`", text, re.M)
+    if not m:
+        return None
+    split = {k: (float(a), float(b)) for k, a, b in re.findall(
+        r"^\| p99 latency, steady, (GET|POST) \| ([\d.]+) ms \| ([\d.]+) ms \|", text, re.M)}
+    return float(m.group(1)), float(m.group(2)), g.group(1) if g else "make rollout", split
+
+
+def targets(data):
+    """Issue #16's targets for one run: (label, figures, ok, by how much, variant) each; ok is None
+    when the run lacks a figure."""
+    by = {v["name"]: v for v in data["variants"]}
+
+    def fig(name, key):
+        v = by.get(name)
+        m = med(v["runs"], key) if v and v["runs"] else None
+        return m[0] if m else None
+
+    def cpu(name):
+        return fig(name, "cpu_us")
+
+    def rss(name):
+        return fig(name, "rss_mib")
+
+    def need(*names):
+        return "needs %s: %s" % (", ".join(names), "; ".join(
+            "%s %s" % (n, (by.get(n) or {}).get("skipped") or ("not run" if n not in by else "no runs"))
+            for n in names if fig(n, "cpu_us") is None))
+
+    out = []
+
+    def ratio_row(label, variant, cost, peer, factor, text):
+        """cost ≤ factor × peer (µs); text names the two."""
+        if cost is None or peer is None:
+            out.append((label, need(*text[2]), None, None, variant))
+            return
+        lim = factor * peer
+        r = cost / peer if peer > 0 else float("inf")
+        out.append((label, "%s = %.1f µs, %s = %.1f µs: %.2f× (limit %.2f×)" % (text[0], cost, text[1], peer, r, factor),
+                    cost <= lim, "%.1f µs (%.2f× for %.2f×)" % (cost - lim, r, factor), variant))
+
+    def sub(a, b):
+        return None if a is None or b is None else a - b
+
+    A, D1 = cpu("A"), cpu("D1")
+    d1 = sub(D1, A)
+    ratio_row("C1 − A ≤ 1.0 × (D1 − A)", "C1", sub(cpu("C1"), A), d1, 1.0, ("C1 − A", "D1 − A", ("A", "C1", "D1")))
+    ratio_row("C2 − A ≤ 1.5 × (D1 − A)", "C2", sub(cpu("C2"), A), d1, 1.5, ("C2 − A", "D1 − A", ("A", "C2", "D1")))
+    ratio_row("C1-guard − C1 ≤ 0.25 × (D1 − A)", "C1-guard", sub(cpu("C1-guard"), cpu("C1")), d1, 0.25,
+              ("C1-guard − C1", "D1 − A", ("A", "C1", "C1-guard", "D1")))
+    Afwd = cpu("A-fwd")
+    ratio_row("C3 − A-fwd ≤ 0.5 × (D2 − A-fwd)", "C3", sub(cpu("C3"), Afwd), sub(cpu("D2"), Afwd), 0.5,
+              ("C3 − A-fwd", "D2 − A-fwd", ("A-fwd", "C3", "D2")))
+    Afwd64 = cpu("A-fwd64")
+    c4 = sub(cpu("C4"), Afwd64)
+    ratio_row("C4 − A-fwd64 ≤ 1.0 × (D2-64 − A-fwd64)", "C4", c4, sub(cpu("D2-64"), Afwd64), 1.0,
+              ("C4 − A-fwd64", "D2-64 − A-fwd64", ("A-fwd64", "C4", "D2-64")))
+    if c4 is not None:
+        label, figures, ok, how, v = out[-1]
+        out[-1] = (label, figures + "; handoff %.0f ns per body byte" % (c4 * 1000 / 65536), ok, how, v)
+    C5r, Aup = cpu("C5-replay"), cpu("A-up")
+    if C5r is not None and Aup is not None:
+        out.append(("C5-replay < A-up", "C5-replay %.1f µs, A-up %.1f µs (%.2f×)" % (C5r, Aup, C5r / Aup), C5r < Aup,
+                    "%.1f µs" % (C5r - Aup), "C5-replay"))
+    else:
+        out.append(("C5-replay < A-up", need("C5-replay", "A-up"), None, None, "C5-replay"))
+    ratio_row("C5-first − A-up ≤ 3 × (D1 − A)", "C5-first", sub(cpu("C5-first"), Aup), d1, 3.0,
+              ("C5-first − A-up", "D1 − A", ("A", "A-up", "C5-first", "D1")))
+    d = sub(rss("C2"), rss("B"))
+    out.append(("RSS(C2) − RSS(B) ≤ 4 MiB", "%.1f MiB (C2 %.1f, B %.1f)" % (d, rss("C2"), rss("B")) if d is not None else need("B", "C2"),
+                None if d is None else d <= 4, "%.1f MiB" % ((d or 0) - 4), "C2"))
+    s = data.get("soak")
+    if s and not s.get("skipped") and s.get("points"):
+        # the store is full after max_entries (10,000) keys: from there on RSS should not grow
+        after = [p for p in s["points"] if p["keys"] >= SOAK_ENTRIES]
+        flat = (max(p["rss_mib"] for p in after) - min(p["rss_mib"] for p in after)) if len(after) >= 2 else None
+        out.append(("RSS flat in the 1M-key soak once the store is full (≤ 4 MiB drift)",
+                    "RSS from %s to %s keys varies by %s" % (
+                        "{:,}".format(after[0]["keys"]) if after else "?", "{:,}".format(after[-1]["keys"]) if after else "?",
+                        "%.1f MiB" % flat if flat is not None else "n/a"),
+                    (flat <= 4) if flat is not None else None, "%.1f MiB" % ((flat or 0) - 4), None))
+    else:
+        out.append(("RSS flat in the 1M-key soak once the store is full (≤ 4 MiB drift)",
+                    "soak %s" % ("skipped: " + s["skipped"] if s and s.get("skipped") else "not run"), None, None, None))
+    d = sub(rss("C1-allow-100k"), rss("C1-allow-10"))
+    out.append(("100,000-id allow list: RSS − RSS(10 ids) ≤ 8 MiB at --concurrency 2",
+                "%.1f MiB (%.1f vs %.1f)" % (d, rss("C1-allow-100k"), rss("C1-allow-10")) if d is not None else need("C1-allow-10", "C1-allow-100k"),
+                None if d is None else d <= 8, "%.1f MiB" % ((d or 0) - 8), "C1-allow-100k"))
+    ro = rollout_p99()
+    if ro:
+        h, b, how, split = ro
+        extra = "".join("; %s %.1f vs %.1f ms" % (k, split[k][0], split[k][1]) for k in ("GET", "POST") if k in split)
+        out.append(("`make rollout`: p99 steady ≤ 1.5 × plain Envoy's",
+                    "%.1f vs %.1f ms (%.2f×)%s; from bench/rollout.md (`%s`), not this run" % (h, b, h / b, extra, how),
+                    h <= 1.5 * b, "%.2f× for 1.5×" % (h / b), None))
+    else:
+        out.append(("`make rollout`: p99 steady ≤ 1.5 × plain Envoy's", "bench/rollout.md has no figure: run `make rollout`",
+                    None, None, None))
+    hw = data["wasm"]["handoff"]
+    if hw:
+        out.append(("handoff.wasm ≤ 300 KB (300,000 B)", "%d B (noop: %s B)" % (hw, data["wasm"]["noop"]), hw <= 300000,
+                    "%d B" % (hw - 300000), None))
+    starts = [(v["name"], med(v["runs"], "start_s")[0]) for v in data["variants"] if v["wasm"] == "handoff" and v["runs"]]
+    if starts:
+        worst = max(starts, key=lambda x: x[1])
+        floor = ["%s %.0f ms" % (n, fig(n, "start_s") * 1000) for n in ("A", "B") if fig(n, "start_s") is not None]
+        out.append(("start → first 2xx < 1 s", "slowest handoff variant %s: %.0f ms (%s; V8 compiles the module at start)" % (
+            worst[0], worst[1] * 1000, ", ".join(floor) or "no floor measured"), worst[1] < 1.0,
+            "%.0f ms" % (worst[1] * 1000 - 1000), None))
+    return out
 
 
 def dso_shares(profile_text):

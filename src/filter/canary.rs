@@ -7,6 +7,14 @@ use super::host::{random_bytes, HostRequest};
 use super::Http;
 use crate::canary::{new_anonymous_id, Variant};
 
+/// The canary's counters are batched per worker and added to Envoy's once a tick
+/// ([`super::metrics::Metrics::flush`]): the root ticks at least this often when the canary is on.
+pub const FLUSH_MS: u64 = 1000;
+
+pub fn tick_ms(config: &crate::config::Config) -> Option<u64> {
+    config.canary.as_ref().map(|_| FLUSH_MS)
+}
+
 /// What the response path still has to write.
 pub struct Pending {
     variant: Variant,

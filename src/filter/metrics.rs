@@ -20,6 +20,9 @@ const RETRY_OUTCOMES: [&str; 6] = ["retried", "stored", "lost", "failed", "expir
 
 pub struct Metrics {
     canary_decisions: Vec<u32>,
+    /// Decisions counted since the last flush, per `canary_decisions` entry: added to Envoy's
+    /// counters once a tick ([`Metrics::flush`]), not with a host call per request.
+    canary_unflushed: RefCell<Vec<u64>>,
     canary_override_rejected: u32,
     /// Counters whose labels come from the configuration (route names), defined on first use.
     by_name: RefCell<HashMap<String, u32>>,
@@ -88,6 +91,7 @@ impl Metrics {
             }
         }
         Metrics {
+            canary_unflushed: RefCell::new(vec![0; canary_decisions.len()]),
             canary_decisions,
             canary_override_rejected: counter("handoff_canary_override_rejected"),
             by_name: RefCell::new(HashMap::new()),
@@ -148,10 +152,29 @@ impl Metrics {
         }
     }
 
+    /// Counted here; Envoy's counter moves at the next [`Metrics::flush`].
     pub fn canary_decision(&self, v: Variant, r: Reason) {
         let vi = Variant::ALL.iter().position(|x| *x == v).unwrap_or(0);
         let ri = Reason::ALL.iter().position(|x| *x == r).unwrap_or(0);
-        inc(self.canary_decisions[vi * Reason::ALL.len() + ri]);
+        if let Some(n) = self
+            .canary_unflushed
+            .borrow_mut()
+            .get_mut(vi * Reason::ALL.len() + ri)
+        {
+            *n += 1;
+        }
+    }
+
+    /// Adds the counts batched since the last flush to Envoy's counters: one host call per
+    /// counter that moved, once a tick.
+    pub fn flush(&self) {
+        let mut pending = self.canary_unflushed.borrow_mut();
+        for (id, n) in self.canary_decisions.iter().zip(pending.iter_mut()) {
+            if *n > 0 {
+                let _ = hostcalls::increment_metric(*id, *n as i64);
+                *n = 0;
+            }
+        }
     }
 
     pub fn canary_override_rejected(&self) {

@@ -58,6 +58,12 @@ impl Context for Root {
         idempotency::on_root_call_response(self, token_id, headers, body);
         rollout::on_root_call_response(self, token_id, headers, body);
     }
+
+    fn on_done(&mut self) -> bool {
+        // The VM is stopping: what the ticks have not added yet.
+        self.metrics.flush();
+        true
+    }
 }
 
 impl RootContext for Root {
@@ -86,6 +92,7 @@ impl RootContext for Root {
                 rollout::configure(self);
                 // One tick serves every section: the shortest period any of them needs.
                 let tick = [
+                    canary::tick_ms,
                     drain::tick_ms,
                     guard::tick_ms,
                     idempotency::tick_ms,
@@ -114,6 +121,7 @@ impl RootContext for Root {
         guard::on_tick(self);
         rollout::on_tick(self);
         idempotency::on_tick(self);
+        self.metrics.flush();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -488,6 +488,34 @@ impl Envoy {
         Stats::parse(&text)
     }
 
+    /// `/stats/prometheus` once `ready` holds for it, for counters the filter adds once a tick
+    /// (the canary's decisions: at least once a second); panics with `what` and the last figures
+    /// of `metric` after 10 s.
+    pub async fn stats_when(
+        &self,
+        metric: &str,
+        what: &str,
+        ready: impl Fn(&Stats) -> bool,
+    ) -> Stats {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = self.stats().await;
+            if ready(&stats) {
+                return stats;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within 10 s; {metric} is {:?}",
+                stats
+                    .0
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(metric))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Stops Envoy now (the handle's drop does the same).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
