@@ -63,6 +63,7 @@ pub struct RawOverride {
     pub secret: String,
 }
 
+#[inline(never)]
 pub(super) fn walk(v: &Value) -> Result<RawCanary, ConfigError> {
     object(v, "RawCanary", |o| RawCanary {
         salt: o.req("salt", string),
@@ -289,6 +290,7 @@ fn default_guard_admin_path() -> String {
     DEFAULT_ADMIN_PATH.to_string()
 }
 
+#[inline(never)]
 fn guard_walk(v: &Value) -> Result<RawGuard, ConfigError> {
     object(v, "RawGuard", |o| RawGuard {
         window_s: o.or("window_s", u32_, default_window_s),
@@ -429,6 +431,7 @@ fn default_lease_ttl_s() -> u64 {
     10
 }
 
+#[inline(never)]
 fn control_walk(v: &Value) -> Result<RawControl, ConfigError> {
     object(v, "RawControl", |o| RawControl {
         etcd: o.req("etcd", |v| {

@@ -178,6 +178,7 @@ pub struct RawEnvoyAdmin {
     pub cluster: String,
 }
 
+#[inline(never)]
 pub(super) fn walk(v: &Value) -> Result<RawDrain, ConfigError> {
     object(v, "RawDrain", |o| RawDrain {
         admin: o.opt("admin", |v| {
@@ -210,6 +211,7 @@ pub(super) fn walk(v: &Value) -> Result<RawDrain, ConfigError> {
     })
 }
 
+#[inline(never)]
 fn readiness(v: &Value) -> Result<RawReadiness, ConfigError> {
     object(v, "RawReadiness", |o| RawReadiness {
         cluster: o.req("cluster", string),

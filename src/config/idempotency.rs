@@ -116,6 +116,7 @@ pub enum StoreKind {
     Etcd,
 }
 
+#[inline(never)]
 pub(super) fn walk(v: &Value) -> Result<RawIdempotency, ConfigError> {
     object(v, "RawIdempotency", |o| RawIdempotency {
         header: o.or("header", string, default_header),
@@ -132,6 +133,7 @@ pub(super) fn walk(v: &Value) -> Result<RawIdempotency, ConfigError> {
     })
 }
 
+#[inline(never)]
 fn store(v: &Value) -> Result<RawStore, ConfigError> {
     object(v, "RawStore", |o| RawStore {
         kind: o.or(

@@ -7,6 +7,7 @@ use super::error::{check_header_name, ConfigError};
 use super::walk::{boolean, error, string, variant};
 use crate::source::Source;
 
+#[inline(never)]
 pub(super) fn walk(v: &Value) -> Result<Source, ConfigError> {
     const NAMES: &[&str] = &["header", "cookie", "query", "jwt_claim", "peer_principal"];
     let (i, content) = variant(v, NAMES)?;

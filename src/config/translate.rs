@@ -119,12 +119,14 @@ impl Default for RawBackend {
     }
 }
 
+#[inline(never)]
 pub(super) fn walk(v: &Value) -> Result<RawTranslate, ConfigError> {
     object(v, "RawTranslate", |o| RawTranslate {
         routes: o.req("routes", |v| seq(v, route)),
     })
 }
 
+#[inline(never)]
 fn route(v: &Value) -> Result<RawRoute, ConfigError> {
     object(v, "RawRoute", |o| RawRoute {
         name: o.req("name", string),
@@ -153,6 +155,7 @@ fn api_version(v: &Value) -> Result<ApiVersion, ConfigError> {
 }
 
 /// `"v2"` or `{"stable": "v1", "canary": "v2"}`; the inner error is told after the shapes.
+#[inline(never)]
 fn backend(v: &Value) -> Result<RawBackend, ConfigError> {
     let parsed = if v.is_string() {
         api_version(v).map(RawBackend::Fixed)
@@ -172,6 +175,7 @@ fn backend(v: &Value) -> Result<RawBackend, ConfigError> {
     })
 }
 
+#[inline(never)]
 fn entry(v: &Value) -> Result<RawEntry, ConfigError> {
     object(v, "RawEntry", |o| RawEntry {
         v1: o.opt("v1", string),

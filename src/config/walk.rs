@@ -10,6 +10,12 @@
 //! the wasm all told; these helpers are shared by every field. The derives stay on the `Raw*`
 //! types for the JSON Schema (schemars) and the unit tests, and `tests/config_paths.rs`
 //! checks this walk against the derives over every example configuration broken every way.
+//!
+//! Each section's walk (and each nested object's) is `#[inline(never)]`, and the Makefile keeps
+//! wasm-opt from inlining large functions that have one caller (`-ocimfs`): otherwise the whole
+//! walk becomes one function of about 40 KB, and V8, which Envoy runs without its baseline
+//! compiler, compiles it with TurboFan at start in memory that grows faster than the function.
+//! Envoy's allocator keeps that memory: about 10 MiB of RSS per Envoy, measured.
 
 use serde_json::{Map, Value};
 
