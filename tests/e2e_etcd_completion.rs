@@ -205,6 +205,24 @@ async fn a_release_etcd_missed_after_a_reset_is_retried() {
     retries_while_down_are_refused(&backend, [&a, &b], "reset-1", query).await;
     etcd.thaw();
     stored(&a, 1.0).await;
+    // The refused retries' lock transactions timed out at the Envoys, but the frozen etcd may
+    // still apply them when it thaws: each Envoy queued the undo of its own, and the key is free
+    // once both queues are empty.
+    for envoy in [&a, &b] {
+        support::wait_for(
+            "the queued undos to be stored",
+            Duration::from_secs(30),
+            || async {
+                (envoy
+                    .stats()
+                    .await
+                    .get("handoff_idempotency_retry_pending", &[])
+                    == 0.0)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
     // The key is free: the retry is forwarded (and reset again by the app).
     let r = h1()
         .post(b.url(&format!("{PAY}?{query}")))
