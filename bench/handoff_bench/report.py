@@ -271,42 +271,68 @@ def targets(data):
 
     out = []
 
-    def ratio_row(label, variant, cost, peer, factor, text):
-        """cost ≤ factor × peer (µs); text names the two."""
+    def sub(a, b):
+        return None if a is None or b is None else a - b
+
+    def round_cpu(i):
+        """The CPU figure of round i (variants are interleaved, so round i of each is paired)."""
+        return lambda name: (by[name]["runs"][i].get("cpu_us")
+                             if name in by and len(by[name]["runs"]) > i else None)
+
+    def per_round(cost_f, peer_f, names):
+        """The ratio cost / peer in each round, as min–max: the spread behind the ratio of medians."""
+        n = min((len((by.get(x) or {}).get("runs") or []) for x in names), default=0)
+        rs, bad = [], 0
+        for i in range(n):
+            c, p = cost_f(round_cpu(i)), peer_f(round_cpu(i))
+            if c is None or p is None:
+                continue
+            if p <= 0:
+                bad += 1
+            else:
+                rs.append(c / p)
+        if not rs:
+            return ""
+        return "; per round %.2f–%.2f×%s" % (min(rs), max(rs), (
+            " (peer ≤ 0 in %d round%s, left out)" % (bad, "" if bad == 1 else "s")) if bad else "")
+
+    def ratio_row(label, variant, cost_f, peer_f, factor, text):
+        """cost ≤ factor × peer (µs); cost_f and peer_f compute both from a variant -> CPU getter
+        (the medians for the target, each round's figures for its spread); text names the two."""
+        cost, peer = cost_f(cpu), peer_f(cpu)
         if cost is None or peer is None:
             out.append((label, need(*text[2]), None, None, variant))
             return
         lim = factor * peer
         r = cost / peer if peer > 0 else float("inf")
-        out.append((label, "%s = %.1f µs, %s = %.1f µs: %.2f× (limit %.2f×)" % (text[0], cost, text[1], peer, r, factor),
+        out.append((label, "%s = %.1f µs, %s = %.1f µs: %.2f× (limit %.2f×)%s" % (
+            text[0], cost, text[1], peer, r, factor, per_round(cost_f, peer_f, text[2])),
                     cost <= lim, "%.1f µs (%.2f× for %.2f×)" % (cost - lim, r, factor), variant))
 
-    def sub(a, b):
-        return None if a is None or b is None else a - b
+    def diff(a, b):
+        return lambda c: sub(c(a), c(b))
 
-    A, D1 = cpu("A"), cpu("D1")
-    d1 = sub(D1, A)
-    ratio_row("C1 − A ≤ 1.0 × (D1 − A)", "C1", sub(cpu("C1"), A), d1, 1.0, ("C1 − A", "D1 − A", ("A", "C1", "D1")))
-    ratio_row("C2 − A ≤ 1.5 × (D1 − A)", "C2", sub(cpu("C2"), A), d1, 1.5, ("C2 − A", "D1 − A", ("A", "C2", "D1")))
-    ratio_row("C1-guard − C1 ≤ 0.25 × (D1 − A)", "C1-guard", sub(cpu("C1-guard"), cpu("C1")), d1, 0.25,
+    d1 = diff("D1", "A")
+    ratio_row("C1 − A ≤ 1.0 × (D1 − A)", "C1", diff("C1", "A"), d1, 1.0, ("C1 − A", "D1 − A", ("A", "C1", "D1")))
+    ratio_row("C2 − A ≤ 1.5 × (D1 − A)", "C2", diff("C2", "A"), d1, 1.5, ("C2 − A", "D1 − A", ("A", "C2", "D1")))
+    ratio_row("C1-guard − C1 ≤ 0.25 × (D1 − A)", "C1-guard", diff("C1-guard", "C1"), d1, 0.25,
               ("C1-guard − C1", "D1 − A", ("A", "C1", "C1-guard", "D1")))
-    Afwd = cpu("A-fwd")
-    ratio_row("C3 − A-fwd ≤ 0.5 × (D2 − A-fwd)", "C3", sub(cpu("C3"), Afwd), sub(cpu("D2"), Afwd), 0.5,
+    ratio_row("C3 − A-fwd ≤ 0.5 × (D2 − A-fwd)", "C3", diff("C3", "A-fwd"), diff("D2", "A-fwd"), 0.5,
               ("C3 − A-fwd", "D2 − A-fwd", ("A-fwd", "C3", "D2")))
-    Afwd64 = cpu("A-fwd64")
-    c4 = sub(cpu("C4"), Afwd64)
-    ratio_row("C4 − A-fwd64 ≤ 1.0 × (D2-64 − A-fwd64)", "C4", c4, sub(cpu("D2-64"), Afwd64), 1.0,
+    c4 = sub(cpu("C4"), cpu("A-fwd64"))
+    ratio_row("C4 − A-fwd64 ≤ 1.0 × (D2-64 − A-fwd64)", "C4", diff("C4", "A-fwd64"), diff("D2-64", "A-fwd64"), 1.0,
               ("C4 − A-fwd64", "D2-64 − A-fwd64", ("A-fwd64", "C4", "D2-64")))
     if c4 is not None:
         label, figures, ok, how, v = out[-1]
         out[-1] = (label, figures + "; handoff %.0f ns per body byte" % (c4 * 1000 / 65536), ok, how, v)
     C5r, Aup = cpu("C5-replay"), cpu("A-up")
     if C5r is not None and Aup is not None:
-        out.append(("C5-replay < A-up", "C5-replay %.1f µs, A-up %.1f µs (%.2f×)" % (C5r, Aup, C5r / Aup), C5r < Aup,
-                    "%.1f µs" % (C5r - Aup), "C5-replay"))
+        out.append(("C5-replay < A-up", "C5-replay %.1f µs, A-up %.1f µs (%.2f×%s)" % (
+            C5r, Aup, C5r / Aup, per_round(lambda c: c("C5-replay"), lambda c: c("A-up"), ("C5-replay", "A-up"))),
+                    C5r < Aup, "%.1f µs" % (C5r - Aup), "C5-replay"))
     else:
         out.append(("C5-replay < A-up", need("C5-replay", "A-up"), None, None, "C5-replay"))
-    ratio_row("C5-first − A-up ≤ 3 × (D1 − A)", "C5-first", sub(cpu("C5-first"), Aup), d1, 3.0,
+    ratio_row("C5-first − A-up ≤ 3 × (D1 − A)", "C5-first", diff("C5-first", "A-up"), d1, 3.0,
               ("C5-first − A-up", "D1 − A", ("A", "A-up", "C5-first", "D1")))
     d = sub(rss("C2"), rss("B"))
     out.append(("RSS(C2) − RSS(B) ≤ 4 MiB", "%.1f MiB (C2 %.1f, B %.1f)" % (d, rss("C2"), rss("B")) if d is not None else need("B", "C2"),
