@@ -274,6 +274,7 @@ def cmd_run(args):
                     skipped[v.name] = r["skipped"]
                     print("  round %d %-9s skipped: %s" % (rnd + 1, v.name, r["skipped"]))
                     continue
+                r["round"] = rnd + 1  # the report pairs variants by round
                 results[v.name].append(r)
                 if r.get("check") != "ok":
                     print("  round %d %-9s CHECK: %s" % (rnd + 1, v.name, r.get("check")))
