@@ -147,7 +147,7 @@ istio-sync: image
 	  --manifests istio --render istio
 
 # Manifests against Istio's CRDs (../shared/istio-crds), the config schema and parser's error
-# paths, handoffctl, every copy of the Lua hold filters against envoy/lua/, and the e2e
+# paths, handoffctl, every copy of the hold filters against their shipped form, and the e2e
 # harness's own checks.
 istio-test:
 	cargo test --test istio_manifests --test config_schema --test config_paths --test handoffctl \

@@ -108,6 +108,15 @@ async fn retry_is_replayed_mismatch_is_422_and_keys_are_checked() {
         assert_eq!(first.status, 201, "{proto}");
         assert!(!first.replayed());
         assert!(first.json()["transaction_id"].is_string());
+        // Held until its body was complete (the buffer filter after handoff), then unmarked:
+        // the app sees the request whole, with its length, and never the hold mark.
+        let seen = s.backend.last().await;
+        assert!(seen["headers"].get("x-handoff-hold").is_none(), "{seen}");
+        assert_eq!(
+            seen["headers"]["content-length"],
+            seen["body_bytes"].to_string(),
+            "{proto}"
+        );
         let retry = post(&client, s.envoy.url(PAY), Some(&key), &payment(10)).await;
         assert_eq!(retry.status, 201);
         assert!(retry.replayed(), "{proto}: idempotent-replayed: true");

@@ -117,7 +117,9 @@ async fn v1_clients_reach_the_v2_backend_translated_both_ways() {
         );
         assert_eq!(seen["headers"]["x-handoff-translated"], "v1-v2");
         assert!(seen["headers"].get("accept-encoding").is_none(), "{seen}");
-        // The hold filter gives the upstream an exact length for the rewritten body.
+        // The hold filter gives the upstream an exact length for the rewritten body, and the
+        // app never sees the hold mark.
+        assert!(seen["headers"].get("x-handoff-hold").is_none(), "{seen}");
         assert_eq!(
             seen["headers"]["content-length"],
             seen["body_bytes"].to_string(),

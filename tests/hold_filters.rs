@@ -1,7 +1,8 @@
-//! The Lua hold filters have one source, `envoy/lua/<name>.lua`: every copy inlined in a config
-//! (the standalone configs under envoy/, the EnvoyFilters under istio/, the benchmark configs
-//! under bench/envoy/, which bench/bench.py writes from the same files) is that text, byte for
-//! byte, behind the matcher that skips it unless the stream carries handoff's mark.
+//! Every copy of the hold filters (the standalone configs under envoy/, the EnvoyFilters under
+//! istio/, the benchmark configs under bench/envoy/, which bench/bench.py writes) is the shipped
+//! form, behind the matcher that skips it unless the stream carries handoff's mark: the response
+//! hold is Lua with one source, `envoy/lua/handoff-hold-response.lua`, byte for byte; the request
+//! hold is Envoy's buffer filter, and right after it the header mutation that removes the mark.
 #![cfg(not(target_arch = "wasm32"))]
 
 use serde_json::Value;
@@ -12,9 +13,14 @@ fn root() -> PathBuf {
 }
 
 /// The hold filters: name, the mark that lets a stream into it, and where the mark is read.
-const HOLDS: [(&str, &str, &str); 2] = [
+const HOLDS: [(&str, &str, &str); 3] = [
     (
         "handoff-hold-request",
+        "x-handoff-hold",
+        "HttpRequestHeaderMatchInput",
+    ),
+    (
+        "handoff-hold-unmark",
         "x-handoff-hold",
         "HttpRequestHeaderMatchInput",
     ),
@@ -25,9 +31,60 @@ const HOLDS: [(&str, &str, &str); 2] = [
     ),
 ];
 
+/// The filter a hold wraps, as every copy must configure it.
+fn expected(name: &str) -> Value {
+    match name {
+        "handoff-hold-request" => serde_json::json!({
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+            "max_request_bytes": 1048576
+        }),
+        "handoff-hold-unmark" => serde_json::json!({
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [{"remove": "x-handoff-hold"}]}
+        }),
+        _ => serde_json::json!({
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": source(name)}
+        }),
+    }
+}
+
 fn source(name: &str) -> String {
     let path = root().join("envoy/lua").join(format!("{name}.lua"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The name of a filter in a filter list, or of the filter an EnvoyFilter patch inserts.
+fn filter_name(item: &Value) -> Option<&str> {
+    item.get("name")
+        .or_else(|| item.pointer("/patch/value/name"))
+        .and_then(Value::as_str)
+}
+
+/// Every list that holds the request hold has the unmark right after it (the app must never see
+/// the mark, and the unmark must not run before the hold has seen it).
+fn unmark_follows_hold(v: &Value, shown: &str, wrong: &mut Vec<String>) {
+    match v {
+        Value::Array(items) => {
+            let names: Vec<Option<&str>> = items.iter().map(filter_name).collect();
+            for (i, n) in names.iter().enumerate() {
+                if *n == Some("handoff-hold-request")
+                    && names.get(i + 1).copied().flatten() != Some("handoff-hold-unmark")
+                {
+                    wrong.push(format!(
+                        "{shown}: handoff-hold-request is not followed by handoff-hold-unmark"
+                    ));
+                }
+            }
+            items
+                .iter()
+                .for_each(|c| unmark_follows_hold(c, shown, wrong));
+        }
+        Value::Object(map) => map
+            .values()
+            .for_each(|c| unmark_follows_hold(c, shown, wrong)),
+        _ => {}
+    }
 }
 
 fn yaml_files(dir: &str) -> Vec<PathBuf> {
@@ -53,15 +110,16 @@ fn documents(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// A hold filter found in a config: its name, its Lua, and the header its matcher checks.
+/// A hold filter found in a config: its name, the filter it wraps, and the header its matcher
+/// checks.
 struct Found {
     name: String,
-    lua: Option<String>,
+    wrapped: Option<Value>,
     mark: Option<String>,
     input: Option<String>,
 }
 
-/// Every object named `handoff-hold-*` that wraps a Lua filter in an ExtensionWithMatcher.
+/// Every object named `handoff-hold-*` that wraps a filter in an ExtensionWithMatcher.
 fn find_holds(v: &Value, out: &mut Vec<Found>) {
     match v {
         Value::Object(map) => {
@@ -78,10 +136,7 @@ fn find_holds(v: &Value, out: &mut Vec<Found>) {
                 );
                 out.push(Found {
                     name: name.to_string(),
-                    lua: t
-                        .pointer("/extension_config/typed_config/default_source_code/inline_string")
-                        .and_then(Value::as_str)
-                        .map(str::to_string),
+                    wrapped: t.pointer("/extension_config/typed_config").cloned(),
                     mark: input
                         .and_then(|i| i.get("header_name"))
                         .and_then(Value::as_str)
@@ -115,13 +170,12 @@ fn every_hold_filter_is_the_one_source_behind_its_mark() {
         let mut found = Vec::new();
         for doc in documents(file) {
             find_holds(&doc, &mut found);
+            unmark_follows_hold(&doc, &shown, &mut wrong);
         }
         // A file that names a hold filter must have it in the shipped form.
         for (name, _, _) in HOLDS {
             if text.contains(name) && !found.iter().any(|f| f.name == name) {
-                wrong.push(format!(
-                    "{shown}: {name} is not a Lua filter behind a matcher"
-                ));
+                wrong.push(format!("{shown}: {name} is not a filter behind a matcher"));
             }
         }
         for f in found {
@@ -129,10 +183,11 @@ fn every_hold_filter_is_the_one_source_behind_its_mark() {
                 wrong.push(format!("{shown}: unknown hold filter {}", f.name));
                 continue;
             };
-            if f.lua.as_deref() != Some(source(&f.name).as_str()) {
+            if f.wrapped.as_ref() != Some(&expected(&f.name)) {
                 wrong.push(format!(
-                    "{shown}: {} differs from envoy/lua/{}.lua",
-                    f.name, f.name
+                    "{shown}: {} is not the shipped filter {}",
+                    f.name,
+                    expected(&f.name)
                 ));
             }
             if f.mark.as_deref() != Some(*mark) || f.input.as_deref() != Some(*input) {
@@ -145,11 +200,11 @@ fn every_hold_filter_is_the_one_source_behind_its_mark() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
-    // envoy/ alone has a dozen; a parser that found none would prove nothing.
-    assert!(checked >= 20, "only {checked} hold filters found");
+    // envoy/ alone has 20; a parser that found none would prove nothing.
+    assert!(checked >= 30, "only {checked} hold filters found");
 }
 
-/// bench/bench.py inlines no Lua of its own: it reads the hold filters from envoy/lua/.
+/// bench/bench.py inlines no Lua of its own: it reads the Lua hold from envoy/lua/.
 #[test]
 fn the_benchmark_reads_the_hold_filters_from_their_source() {
     let mut python = std::fs::read_to_string(root().join("bench/bench.py")).unwrap();
@@ -159,7 +214,7 @@ fn the_benchmark_reads_the_hold_filters_from_their_source() {
             python.push_str(&std::fs::read_to_string(path).unwrap());
         }
     }
-    for (name, _, _) in HOLDS {
+    for name in ["handoff-hold-response"] {
         let first_line = source(name).lines().next().unwrap().to_string();
         assert!(
             !python.contains(&first_line),

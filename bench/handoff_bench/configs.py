@@ -87,19 +87,22 @@ D2_GAPS = [
     "`unmapped: keep`: REPLACE drops, MERGE keeps the original keys next to the renamed ones",
 ]
 
-# The shipped configs (envoy/*.yaml) put small Lua "hold" filters around handoff: the one after
-# it holds requests handoff marks with x-handoff-hold (translation, idempotency fingerprint) until
-# their body is complete; the one before it holds translated responses (exact content-length, a
-# failed translation becomes a 502). They are part of what these capabilities cost, so the
-# variants carry them too, read from envoy/lua/ like every shipped copy.
+# The shipped configs (envoy/*.yaml) put "hold" filters around handoff: after it, Envoy's buffer
+# filter holds requests handoff marks with x-handoff-hold (translation, idempotency fingerprint)
+# until their body is complete, and a header mutation removes the mark; before it, a small Lua
+# filter holds translated responses (exact content-length, a failed translation becomes a 502).
+# They are part of what these capabilities cost, so the variants carry them too, in the shipped
+# form (tests/hold_filters.rs checks every copy; the Lua is read from envoy/lua/).
 def _hold_lua(name):
-    """The Lua of a hold filter, from its one source (tests/hold_filters.rs checks every copy)."""
+    """The Lua of a hold filter, from its one source."""
     with open(os.path.join(ROOT, "envoy", "lua", name + ".lua")) as f:
         return f.read()
 
 
-LUA_HOLD_REQUEST = _hold_lua("handoff-hold-request")
 LUA_HOLD_RESPONSE = _hold_lua("handoff-hold-response")
+HOLD_REQUEST = {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 1048576}
+HOLD_UNMARK = {"@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+               "mutations": {"request_mutations": [{"remove": "x-handoff-hold"}]}}
 
 
 def lua_filter(name, code):
@@ -107,9 +110,9 @@ def lua_filter(name, code):
                                            "default_source_code": {"inline_string": code}}}
 
 
-def hold_filter(name, code, input_type, mark):
-    """A hold filter as shipped: the Lua filter wrapped in an ExtensionWithMatcher that skips it
-    unless the stream carries handoff's mark, so unmarked requests do not pay for Lua."""
+def hold_filter(name, wrapped, input_type, mark):
+    """A hold filter as shipped: the filter wrapped in an ExtensionWithMatcher that skips it
+    unless the stream carries handoff's mark, so unmarked requests do not pay for it."""
     present = {"single_predicate": {
         "input": {"name": mark, "typed_config": {
             "@type": "type.googleapis.com/envoy.type.matcher.v3." + input_type, "header_name": mark}},
@@ -120,7 +123,7 @@ def hold_filter(name, code, input_type, mark):
         "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
         "xds_matcher": {"matcher_list": {"matchers": [
             {"predicate": {"not_matcher": present}, "on_match": {"action": skip}}]}},
-        "extension_config": lua_filter(name, code)}}
+        "extension_config": {"name": name, "typed_config": wrapped}}}
 
 
 def handoff_chain(plugin_config):
@@ -128,11 +131,11 @@ def handoff_chain(plugin_config):
     f = wasm_filter("handoff", HANDOFF_WASM, plugin_config)
     chain = [f]
     if "translate" in plugin_config:
-        chain.insert(0, hold_filter("handoff-hold-response", LUA_HOLD_RESPONSE,
-                                     "HttpResponseHeaderMatchInput", "x-handoff-translated"))
+        lua = lua_filter("handoff-hold-response", LUA_HOLD_RESPONSE)["typed_config"]
+        chain.insert(0, hold_filter("handoff-hold-response", lua, "HttpResponseHeaderMatchInput", "x-handoff-translated"))
     if "translate" in plugin_config or "idempotency" in plugin_config:
-        chain.append(hold_filter("handoff-hold-request", LUA_HOLD_REQUEST,
-                                 "HttpRequestHeaderMatchInput", "x-handoff-hold"))
+        for name, wrapped in (("handoff-hold-request", HOLD_REQUEST), ("handoff-hold-unmark", HOLD_UNMARK)):
+            chain.append(hold_filter(name, wrapped, "HttpRequestHeaderMatchInput", "x-handoff-hold"))
     return chain
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.request
 
-from .configs import D2_GAPS, write_runtime_configs
+from .configs import D2_GAPS, generated_files, write_runtime_configs
 from .envoy import Envoy, check, envoy_binary, free_port, refusal_reason, send, wait_first_2xx
 from .load import h2load_cmd, parse_h2load, percentile, pinned, run_wrk
 from . import BENCH, HANDOFF_WASM_RUN, NOOP_WASM, OUT, PAYMENTS_BIN, ROOT
@@ -322,6 +322,7 @@ def cmd_run(args):
         "d2_gaps": D2_GAPS,
     }
     facts["wasm_sha256"] = file_sha256(HANDOFF_WASM_RUN)
+    facts["configs_sha256"] = configs_sha256()
     facts["commit"] = git_commit()
     keep_previous_run(data)
     with open(os.path.join(BENCH, "results.json"), "w") as f:
@@ -329,10 +330,25 @@ def cmd_run(args):
     render(data)
 
 
+def configs_sha256():
+    """The sha256 of every Envoy config and body the variants run (bench/envoy/, as generated): a
+    build is the wasm and the filter chain around it (the hold filters are part of what a
+    capability costs)."""
+    h = hashlib.sha256()
+    for rel, text in sorted(generated_files().items()) + sorted(generated_files(runtime=True).items()):
+        h.update(rel.encode() + b"\0" + text.encode() + b"\0")
+    return h.hexdigest()
+
+
+def same_build(a, b):
+    """Two runs' facts measure the same build: the same wasm and the same configs."""
+    return bool(a.get("wasm_sha256")) and all(a.get(k) == b.get(k) for k in ("wasm_sha256", "configs_sha256"))
+
+
 def keep_previous_run(data):
     """A target counts as met when it holds in two full runs of the same build: before a full run
-    overwrites bench/results.json, the full run of the same wasm it holds becomes
-    bench/results.previous.json (a run of another build, or a quick run, does not)."""
+    overwrites bench/results.json, the full run of the same build (wasm and configs) it holds
+    becomes bench/results.previous.json (a run of another build, or a quick run, does not)."""
     cur = os.path.join(BENCH, "results.json")
     try:
         with open(cur) as f:
@@ -340,7 +356,7 @@ def keep_previous_run(data):
     except (OSError, ValueError):
         return
     f_old, f_new = old.get("facts", {}), data["facts"]
-    if f_new["mode"] == "full" and f_old.get("mode") == "full" and f_old.get("wasm_sha256") == f_new["wasm_sha256"] \
+    if f_new["mode"] == "full" and f_old.get("mode") == "full" and same_build(f_old, f_new) \
             and len(old.get("variants", [])) == len(data["variants"]):
         os.replace(cur, os.path.join(BENCH, "results.previous.json"))
 

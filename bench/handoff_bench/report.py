@@ -227,7 +227,11 @@ def previous_run(data):
             prev = json.load(f)
     except (OSError, ValueError):
         return None
-    same = prev.get("facts", {}).get("wasm_sha256") and prev["facts"].get("wasm_sha256") == data["facts"].get("wasm_sha256")
+    # The same build: the same wasm and the same configs (runs from before configs_sha256 was
+    # recorded pair by the wasm alone, as they were rendered then).
+    pf, df = prev.get("facts", {}), data["facts"]
+    keys = ("wasm_sha256", "configs_sha256") if "configs_sha256" in pf or "configs_sha256" in df else ("wasm_sha256",)
+    same = bool(pf.get("wasm_sha256")) and all(pf.get(k) == df.get(k) for k in keys)
     if prev.get("facts", {}).get("mode") != "full" or data["facts"].get("mode") != "full" or not same:
         return None
     return prev
