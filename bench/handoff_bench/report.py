@@ -119,7 +119,7 @@ def render(data):
         L.append("Each target is a ratio of medians of one interleaved run. It counts as met when it holds in two "
                  "separate full runs of the same build; %s, so a target that holds here is only **met in one run**.\n" % (
                      "this is a quick run" if facts["mode"] == "quick" else
-                     "no earlier full run of this build (same wasm bytes) is on record"))
+                     "no earlier full run of this build (same wasm and Envoy configs) is on record"))
     L.append("| target | this run | previous run | result |")
     L.append("| --- | --- | --- | --- |")
     missed = []
