@@ -13,7 +13,8 @@ WASM_OPTIMIZED := target/wasm32-wasip1/release/handoff.opt.wasm
 # cargo's module without the ABI callbacks handoff never receives: binaryen's wasm-metadce keeps
 # the exports listed in scripts/wasm-roots.json (the module's memory and entry points, and the
 # callbacks of an HTTP filter that makes no gRPC call, registers no shared queue and calls no
-# foreign function; the host calls a callback only when the module exports it) and what they
+# foreign function, and not proxy_on_log: handoff ends a stream in proxy_on_done; the host calls
+# a callback only when the module exports it, so each one left out is a VM call saved) and what they
 # reach, and drops the other exports, the code only they reached and the imports left unused.
 WASM_ROOTS  := scripts/wasm-roots.json
 WASM_UNEXPORTED := target/wasm32-wasip1/release/handoff.unexported.wasm

@@ -9,6 +9,7 @@ pub mod config;
 pub mod drain;
 pub mod etcd;
 pub mod guard;
+pub mod headers;
 pub mod idempotency;
 pub mod json;
 pub mod problem;

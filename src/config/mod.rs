@@ -80,6 +80,22 @@ impl Config {
         }
     }
 
+    /// Whether a request's header stages read more than one request header: the filter then
+    /// reads them all with one host call (a snapshot) rather than one call each. The canary
+    /// alone with one id source reads one header, and one call is the cheaper then.
+    pub fn reads_several_request_headers(&self) -> bool {
+        let canary_reads = self.canary.as_ref().map_or(0, |c| {
+            c.user_id.len()
+                + usize::from(c.anonymous_cookie.is_some())
+                + usize::from(c.override_.is_some())
+                + usize::from(c.guard.is_some() || c.control.is_some())
+        });
+        self.translate.is_some()
+            || self.idempotency.is_some()
+            || self.drain.is_some()
+            || canary_reads > 1
+    }
+
     /// True when no capability is switched on: the filter passes everything through.
     pub fn is_empty(&self) -> bool {
         self.canary.is_none()

@@ -3,7 +3,7 @@
 use log::debug;
 use proxy_wasm::traits::HttpContext;
 
-use super::host::{random_bytes, HostRequest};
+use super::host::{random_bytes, set_request_header, HostRequest};
 use super::Http;
 use crate::canary::{new_anonymous_id, Variant};
 
@@ -37,9 +37,9 @@ pub fn on_request_headers(http: &mut Http) {
     }
     http.variant = Some(a.variant);
     // Always set: whatever the client sent in this header is replaced.
-    http.set_http_request_header(&canary.route_header, Some(a.variant.as_str()));
+    set_request_header(&canary.route_header, Some(a.variant.as_str()));
     if let Some(ov) = &canary.override_ {
-        http.set_http_request_header(&ov.header, None);
+        set_request_header(&ov.header, None);
     }
     http.metrics.canary_decision(a.variant, a.reason);
     if a.override_rejected {

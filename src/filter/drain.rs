@@ -14,7 +14,9 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::host::{admin_caller, header_present, random_bytes};
+use super::host::{
+    admin_caller, random_bytes, request_bytes, response_header_present, set_request_header,
+};
 use super::metrics::Metrics;
 use super::shared::HostShared;
 use super::{Http, Root};
@@ -43,12 +45,6 @@ fn random_u32() -> u32 {
 fn mask_key() -> [u8; 4] {
     let b = random_bytes();
     [b[0], b[1], b[2], b[3]]
-}
-
-fn request_bytes(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
 }
 
 fn response_bytes(name: &str) -> Option<Vec<u8>> {
@@ -424,7 +420,7 @@ fn perform_admin(http: &mut Http, d: &Drain, path: &str, step: AdminStep) -> Act
             // Read `{"grace_s": N}` first; the hold filter after handoff keeps the headers
             // from the app meanwhile.
             http.drain.admin_body = Some(path.to_string());
-            http.set_http_request_header(super::HOLD_HEADER, Some("1"));
+            set_request_header(super::HOLD_HEADER, Some("1"));
             return Action::Continue;
         }
         AdminStep::Transition(c) => {
@@ -469,9 +465,10 @@ pub fn on_response_headers(http: &mut Http) -> Action {
         return Action::Continue;
     };
     let cached = http.drain.cache.get();
-    let signal = d.upstream_signal.as_deref().is_some_and(|h| {
-        cached.source.is_none() && header_present(MapType::HttpResponseHeaders, h)
-    });
+    let signal = d
+        .upstream_signal
+        .as_deref()
+        .is_some_and(|h| cached.source.is_none() && response_header_present(h));
     let content_type = response_bytes("content-type");
     let status = if http.drain.websocket_requested {
         response_bytes(":status")
@@ -626,7 +623,7 @@ pub fn on_http_call_response(http: &mut Http, token: u32) {
     }
 }
 
-/// The end of a stream (`on_log` or `on_done`, whichever comes first).
+/// The end of a stream (`on_done`).
 pub fn on_end(http: &mut Http) {
     if std::mem::take(&mut http.drain.counted) {
         http.drain.cache.add_inflight(-1);

@@ -1,10 +1,90 @@
 //! [`RequestView`] over the proxy-wasm host: each value is read only when a policy asks for it.
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::MapType;
-use std::cell::OnceCell;
+use proxy_wasm::types::{MapType, Status};
+use std::cell::{OnceCell, RefCell};
 
+use crate::headers::HeaderSnapshot;
 use crate::source::RequestView;
+
+thread_local! {
+    /// The request headers read in one host call, while the request headers' stages run
+    /// ([`RequestSnapshot`]); `None` otherwise, and every read goes to the host.
+    static SNAPSHOT: RefCell<Option<HeaderSnapshot>> = const { RefCell::new(None) };
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    // The SDK's own import, declared here as well: its `get_map_bytes` turns each name into a
+    // `String` and panics (the VM dies) on one that is not UTF-8; here the serialized bytes
+    // are kept as they are.
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> Status;
+}
+
+fn request_header_pairs() -> Option<Vec<u8>> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer it allocated with the SDK's `proxy_on_memory_allocate`
+    // (a boxed slice of exactly `size` bytes) and its size, or leaves the pointer null; the
+    // Vec takes that allocation over, as the SDK's own map getters do.
+    unsafe {
+        match proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) {
+            Status::Ok if data.is_null() => Some(Vec::new()),
+            Status::Ok => Some(Vec::from_raw_parts(data, size, size)),
+            _ => None,
+        }
+    }
+}
+
+/// While alive, request header reads answer from one `proxy_get_header_map_pairs` instead of
+/// a host call each, and [`set_request_header`] keeps that view current. Taken by
+/// `on_http_request_headers` when the configuration's stages read several headers; dropped
+/// before it returns.
+pub struct RequestSnapshot(());
+
+impl RequestSnapshot {
+    pub fn take() -> RequestSnapshot {
+        let snapshot = request_header_pairs().and_then(HeaderSnapshot::parse);
+        SNAPSHOT.with(|s| *s.borrow_mut() = snapshot);
+        RequestSnapshot(())
+    }
+}
+
+impl Drop for RequestSnapshot {
+    fn drop(&mut self) {
+        SNAPSHOT.with(|s| *s.borrow_mut() = None);
+    }
+}
+
+/// A request header's bytes: from the snapshot while there is one, else from the host.
+pub fn request_bytes(name: &str) -> Option<Vec<u8>> {
+    let snapped = SNAPSHOT.with(|s| {
+        s.borrow()
+            .as_ref()
+            .map(|snap| snap.get(name).map(<[u8]>::to_vec))
+    });
+    match snapped {
+        Some(value) => value,
+        None => hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten(),
+    }
+}
+
+/// Replaces (`Some`) or removes (`None`) a request header, on the host and in the snapshot.
+/// Every request header write of the filter goes through here.
+pub fn set_request_header(name: &str, value: Option<&str>) {
+    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
+    SNAPSHOT.with(|s| {
+        if let Some(snap) = s.borrow_mut().as_mut() {
+            snap.set(name, value.map(str::as_bytes));
+        }
+    });
+}
 
 /// Envoy's jwt_authn filter writes the verified payload into its dynamic metadata under the
 /// key named by `payload_in_metadata`; handoff expects that key to be this one.
@@ -17,10 +97,7 @@ impl RequestView for HostRequest {
     fn header(&self, name: &str) -> Option<String> {
         // Bytes, not `get_map_value`: the SDK panics (and the VM dies) on a header value that
         // is not UTF-8, which any client can send. Such a value counts as absent.
-        let bytes = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()?;
-        String::from_utf8(bytes).ok()
+        String::from_utf8(request_bytes(name)?).ok()
     }
 
     fn path(&self) -> Option<String> {
@@ -51,7 +128,7 @@ impl RequestView for HostRequest {
 /// `get_http_request_header`, whose String conversion panics on obs-text bytes and aborts the
 /// VM) for every header a client controls.
 pub fn request_header(name: &str) -> Option<String> {
-    header_of(MapType::HttpRequestHeaders, name)
+    String::from_utf8(request_bytes(name)?).ok()
 }
 
 /// A response header as text; absent when missing or not UTF-8 (the app controls these).
@@ -59,10 +136,18 @@ pub fn response_header(name: &str) -> Option<String> {
     header_of(MapType::HttpResponseHeaders, name)
 }
 
-/// Whether a header is present at all, whatever its bytes (a security check must not treat an
-/// undecodable value as absent).
-pub fn header_present(map: MapType, name: &str) -> bool {
-    matches!(hostcalls::get_map_value_bytes(map, name), Ok(Some(_)))
+/// Whether a request header is present at all, whatever its bytes (a security check must not
+/// treat an undecodable value as absent).
+pub fn request_header_present(name: &str) -> bool {
+    request_bytes(name).is_some()
+}
+
+/// Whether a response header is present at all, whatever its bytes.
+pub fn response_header_present(name: &str) -> bool {
+    matches!(
+        hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name),
+        Ok(Some(_))
+    )
 }
 
 fn header_of(map: MapType, name: &str) -> Option<String> {
@@ -73,8 +158,8 @@ fn header_of(map: MapType, name: &str) -> Option<String> {
 /// Removes a request header a client must not send (handoff's own marks), checking first: a
 /// check is a lookup, a removal also mutates the map and makes Envoy recompute the route.
 pub fn scrub_request_header(name: &str) {
-    if header_present(MapType::HttpRequestHeaders, name) {
-        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+    if request_header_present(name) {
+        set_request_header(name, None);
     }
 }
 
@@ -86,19 +171,15 @@ pub struct Head {
     path: OnceCell<Option<Vec<u8>>>,
 }
 
-fn read_bytes(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
-}
-
 impl Head {
     fn path_bytes(&self) -> Option<&[u8]> {
-        self.path.get_or_init(|| read_bytes(":path")).as_deref()
+        self.path.get_or_init(|| request_bytes(":path")).as_deref()
     }
 
     fn method_bytes(&self) -> Option<&[u8]> {
-        self.method.get_or_init(|| read_bytes(":method")).as_deref()
+        self.method
+            .get_or_init(|| request_bytes(":method"))
+            .as_deref()
     }
 
     /// `:path`; absent when missing or not UTF-8 (as [`request_header`]).
@@ -149,7 +230,7 @@ pub fn admin_caller() -> AdminCaller {
     let loopback = crate::drain::is_loopback_request(
         peer.as_deref(),
         address("destination").as_deref(),
-        header_present(MapType::HttpRequestHeaders, "x-forwarded-for"),
+        request_header_present("x-forwarded-for"),
     );
     AdminCaller {
         loopback,

@@ -349,7 +349,7 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
     // Bytes, read lossily: the SDK's string getter panics on a non-UTF-8 value.
     let method = http.head.method_lossy();
     let path = http.head.path_lossy();
-    let read = |name: &str| http.get_http_request_header_bytes(name);
+    let read = super::host::request_bytes;
     match idem.check(&method, &path, &read, &HostRequest) {
         KeyCheck::NotCovered | KeyCheck::Optional => Action::Continue,
         KeyCheck::Reject(outcome, reply) => {
@@ -889,7 +889,7 @@ fn release(http: &mut Http, ending: bool) {
 /// (reset, timeout, client gone): release it. A write still waiting for etcd will not get its
 /// answer here: it is queued, so the root context confirms it; a lock transaction still out is
 /// undone the same way.
-pub fn on_log(http: &mut Http) {
+pub fn on_end(http: &mut Http) {
     let timeout_ms = http
         .config
         .idempotency

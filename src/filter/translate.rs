@@ -12,7 +12,7 @@ use log::{debug, warn};
 use proxy_wasm::traits::HttpContext;
 use proxy_wasm::types::Action;
 
-use super::host::{request_header, response_header, scrub_request_header};
+use super::host::{request_header, response_header, scrub_request_header, set_request_header};
 
 use super::Http;
 use crate::config::Config;
@@ -70,11 +70,11 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
             return fail(http, route, Message::Request, &e);
         }
     };
-    http.set_http_request_header(":path", Some(&plan.path));
+    set_request_header(":path", Some(&plan.path));
     http.head.set_path(&plan.path);
-    http.set_http_request_header(TRANSLATED_HEADER, Some(plan.header_value()));
+    set_request_header(TRANSLATED_HEADER, Some(plan.header_value()));
     // The response body is rewritten too: ask the backend for it uncompressed.
-    http.set_http_request_header("accept-encoding", None);
+    set_request_header("accept-encoding", None);
     debug!(
         "handoff[{}]: translate {} {path} -> {}",
         http.context_id,
@@ -84,7 +84,7 @@ pub fn on_request_headers(http: &mut Http, end_of_stream: bool) -> Action {
     let request_body = plan.translate_body;
     if request_body {
         // The rewritten body has another length; Envoy frames it anew.
-        http.set_http_request_header("content-length", None);
+        set_request_header("content-length", None);
     } else {
         count(http, &plan, Message::Request);
     }
