@@ -15,7 +15,8 @@ use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::host::{
-    admin_caller, random_bytes, request_bytes, response_header_present, set_request_header,
+    admin_caller, random_bytes, request_bytes, response_bytes, response_header_present,
+    set_request_header,
 };
 use super::metrics::Metrics;
 use super::shared::HostShared;
@@ -45,12 +46,6 @@ fn random_u32() -> u32 {
 fn mask_key() -> [u8; 4] {
     let b = random_bytes();
     [b[0], b[1], b[2], b[3]]
-}
-
-fn response_bytes(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
-        .ok()
-        .flatten()
 }
 
 /// `POST /healthcheck/fail` (drain) or `/healthcheck/ok` (cancel) on Envoy's own admin, through

@@ -131,9 +131,16 @@ pub fn request_header(name: &str) -> Option<String> {
     String::from_utf8(request_bytes(name)?).ok()
 }
 
+/// A response header's bytes, from the host (responses are not snapshotted).
+pub fn response_bytes(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+        .ok()
+        .flatten()
+}
+
 /// A response header as text; absent when missing or not UTF-8 (the app controls these).
 pub fn response_header(name: &str) -> Option<String> {
-    header_of(MapType::HttpResponseHeaders, name)
+    String::from_utf8(response_bytes(name)?).ok()
 }
 
 /// Whether a request header is present at all, whatever its bytes (a security check must not
@@ -144,15 +151,7 @@ pub fn request_header_present(name: &str) -> bool {
 
 /// Whether a response header is present at all, whatever its bytes.
 pub fn response_header_present(name: &str) -> bool {
-    matches!(
-        hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name),
-        Ok(Some(_))
-    )
-}
-
-fn header_of(map: MapType, name: &str) -> Option<String> {
-    let bytes = hostcalls::get_map_value_bytes(map, name).ok().flatten()?;
-    String::from_utf8(bytes).ok()
+    response_bytes(name).is_some()
 }
 
 /// Removes a request header a client must not send (handoff's own marks), checking first: a
