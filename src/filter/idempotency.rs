@@ -731,11 +731,13 @@ pub fn on_response_headers(http: &mut Http, end_of_stream: bool) -> Action {
     ) {
         return Action::Continue;
     }
-    let status = http
-        .get_http_response_header_bytes(":status")
-        .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
-        .unwrap_or(0);
+    // One host call: the pairs carry `:status` too.
     let headers = http.get_http_response_headers_bytes();
+    let status = headers
+        .iter()
+        .find(|(n, _)| n == ":status")
+        .and_then(|(_, s)| std::str::from_utf8(s).ok()?.parse::<u16>().ok())
+        .unwrap_or(0);
     let Some(capture) = Capture::start(status, headers, max, store_5xx) else {
         debug!(
             "handoff[{}]: idempotency: upstream answered {status}, lock released",
