@@ -5,11 +5,11 @@
 //! `bucket < round(percent * 100)`. Because the bucket does not depend on the percent, raising
 //! the percent only ever moves users from stable to canary.
 
-use hashbrown::HashSet;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::guard::Guard;
+use crate::ids::IdSet;
 use crate::source::{cookie_value, RequestView, Source};
 
 pub const BUCKETS: u32 = 10_000;
@@ -77,8 +77,8 @@ pub struct Canary {
     pub threshold: u32,
     pub user_id: Vec<Source>,
     pub route_header: String,
-    pub allow: HashSet<String>,
-    pub deny: HashSet<String>,
+    pub allow: IdSet,
+    pub deny: IdSet,
     pub anonymous_cookie: Option<AnonymousCookie>,
     pub override_: Option<Override>,
     pub response_header: bool,
@@ -390,7 +390,7 @@ mod tests {
             no_mint,
         );
         assert_eq!((a.variant, a.reason), (Variant::Stable, Reason::Deny));
-        c.allow.insert("u-2".into());
+        c.allow = ["u-1", "u-2"].into_iter().collect();
         let a = c.assign(
             &FakeRequest::default().with_header("x-user-id", "u-2"),
             no_mint,

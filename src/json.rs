@@ -10,6 +10,8 @@ use std::fmt;
 use serde::de::{DeserializeSeed, Deserializer, Error, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
+use crate::ids::IdList;
+
 /// Where the text is wrong: the JSON path (`.` for the text as a whole) and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonError {
@@ -19,20 +21,38 @@ pub struct JsonError {
 
 /// Parses `bytes`; a duplicate key is an error at that key's path.
 pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
-    let duplicate = RefCell::new(None);
+    parse_lists(bytes, &[]).map(|(v, _)| v)
+}
+
+/// The id lists [`parse_lists`] took out of the tree, each with its path.
+pub type Lists = Vec<(&'static str, IdList)>;
+
+/// As [`parse`], and each array of strings at one of the `lists` paths (`canary.allow`) goes
+/// into an [`IdList`] of its own instead of the tree, which holds an empty array there. An
+/// array at such a path that holds anything but strings stays in the tree, for the shape
+/// check to name its element. The ids are then held once, compactly, not as a `Value` each.
+pub fn parse_lists(
+    bytes: &[u8],
+    lists: &'static [&'static str],
+) -> Result<(Value, Lists), JsonError> {
+    let shared = Shared {
+        duplicate: RefCell::new(None),
+        lists,
+        taken: RefCell::new(Vec::new()),
+    };
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let parsed = Strict {
         path: String::new(),
-        duplicate: &duplicate,
+        shared: &shared,
     }
     .deserialize(&mut de)
     .and_then(|v| de.end().map(|()| v));
-    match (parsed, duplicate.into_inner()) {
+    match (parsed, shared.duplicate.into_inner()) {
         (_, Some((path, key))) => Err(JsonError {
             path,
             message: format!("duplicate field `{key}` (a key may appear once per object)"),
         }),
-        (Ok(v), None) => Ok(v),
+        (Ok(v), None) => Ok((v, shared.taken.into_inner())),
         (Err(e), None) => Err(JsonError {
             path: ".".to_string(),
             message: e.to_string(),
@@ -49,17 +69,25 @@ pub fn value(bytes: &[u8]) -> Result<Value, String> {
     })
 }
 
-/// A value at `path`; records the first duplicate key it meets in `duplicate`.
+/// What every value of one parse shares: the first duplicate key met, the paths whose string
+/// arrays are taken out of the tree, and those taken.
+struct Shared {
+    duplicate: RefCell<Option<(String, String)>>,
+    lists: &'static [&'static str],
+    taken: RefCell<Lists>,
+}
+
+/// A value at `path`.
 struct Strict<'a> {
     path: String,
-    duplicate: &'a RefCell<Option<(String, String)>>,
+    shared: &'a Shared,
 }
 
 impl Strict<'_> {
     fn child(&self, path: String) -> Strict<'_> {
         Strict {
             path,
-            duplicate: self.duplicate,
+            shared: self.shared,
         }
     }
 }
@@ -108,11 +136,26 @@ impl<'de> Visitor<'de> for Strict<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut items = Vec::new();
-        while let Some(v) =
-            seq.next_element_seed(self.child(format!("{}[{}]", self.path, items.len())))?
-        {
-            items.push(v);
+        let list = self.shared.lists.iter().find(|l| **l == self.path);
+        let (mut ids, mut items) = (IdList::default(), Vec::new());
+        while let Some(v) = seq.next_element_seed(self.child(format!(
+            "{}[{}]",
+            self.path,
+            ids.len() + items.len()
+        )))? {
+            match v {
+                Value::String(s) if list.is_some() && items.is_empty() => ids.push(&s),
+                v => {
+                    // Not a list of strings after all: the tree keeps it as written.
+                    items.extend(ids.iter().map(|s| Value::String(s.to_owned())));
+                    ids = IdList::default();
+                    items.push(v);
+                }
+            }
+        }
+        if let (Some(list), true) = (list, items.is_empty()) {
+            ids.shrink_to_fit();
+            self.shared.taken.borrow_mut().push((list, ids));
         }
         Ok(Value::Array(items))
     }
@@ -125,7 +168,7 @@ impl<'de> Visitor<'de> for Strict<'_> {
                 false => format!("{}.{key}", self.path),
             };
             if members.contains_key(&key) {
-                *self.duplicate.borrow_mut() = Some((path, key));
+                *self.shared.duplicate.borrow_mut() = Some((path, key));
                 return Err(A::Error::custom("duplicate field"));
             }
             let v = map.next_value_seed(self.child(path))?;
@@ -137,7 +180,36 @@ impl<'de> Visitor<'de> for Strict<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse;
+    use super::{parse, parse_lists};
+    use serde_json::json;
+
+    #[test]
+    fn string_arrays_at_the_list_paths_leave_the_tree() {
+        let text = br#"{"c": {"a": ["x", "", "y"], "b": [1], "d": ["z"]}, "a": ["w"]}"#;
+        let (v, taken) = parse_lists(text, &["c.a", "c.b", "a"]).unwrap();
+        assert_eq!(v, json!({"c": {"a": [], "b": [1], "d": ["z"]}, "a": []}));
+        let taken: Vec<(&str, Vec<&str>)> = taken
+            .iter()
+            .map(|(p, l)| (*p, l.iter().collect()))
+            .collect();
+        assert_eq!(taken, [("c.a", vec!["x", "", "y"]), ("a", vec!["w"])]);
+    }
+
+    #[test]
+    fn a_list_path_holding_anything_but_strings_stays_as_written() {
+        for text in [
+            r#"{"a": ["x", 2, "y"]}"#,
+            r#"{"a": [null, "x"]}"#,
+            r#"{"a": ["x", ["y"]]}"#,
+            r#"{"a": "x"}"#,
+            r#"{"a": {"0": "x"}}"#,
+        ] {
+            let (v, taken) = parse_lists(text.as_bytes(), &["a"]).unwrap();
+            assert!(taken.is_empty(), "{text}");
+            assert_eq!(v, parse(text.as_bytes()).unwrap(), "{text}");
+            assert_eq!(v, serde_json::from_str::<serde_json::Value>(text).unwrap());
+        }
+    }
 
     #[test]
     fn a_key_twice_is_refused_at_its_path() {

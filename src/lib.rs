@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod guard;
 pub mod headers;
 pub mod idempotency;
+pub mod ids;
 pub mod json;
 pub mod problem;
 pub mod rollout;

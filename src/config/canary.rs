@@ -1,15 +1,15 @@
 //! The `canary` section as written ([`RawCanary`]), its walk over the parsed JSON and its
 //! validation into the policy's [`Canary`].
 
-use hashbrown::HashSet;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::{check_header_name, ConfigError};
 use super::source;
-use super::walk::{boolean, float, object, seq, string, strings, u32_, u64_};
+use super::walk::{boolean, float, object, seq, string, strings, u32_, u64_, Result as Walked};
 use crate::canary::{threshold, AnonymousCookie, Canary, Override};
 use crate::guard::{Guard, LatencyRule, DEFAULT_ADMIN_PATH};
+use crate::ids::{IdList, IdSet};
 use crate::rollout::EtcdControl;
 use crate::source::{Source, MAX_VALUE_LEN};
 
@@ -24,9 +24,11 @@ pub struct RawCanary {
     #[serde(default = "default_route_header")]
     pub route_header: String,
     #[serde(default)]
-    pub allow: Vec<String>,
+    #[cfg_attr(not(target_arch = "wasm32"), schemars(with = "Vec<String>"))]
+    pub allow: IdList,
     #[serde(default)]
-    pub deny: Vec<String>,
+    #[cfg_attr(not(target_arch = "wasm32"), schemars(with = "Vec<String>"))]
+    pub deny: IdList,
     pub anonymous_cookie: Option<RawAnonymousCookie>,
     #[serde(rename = "override")]
     pub override_: Option<RawOverride>,
@@ -70,8 +72,8 @@ pub(super) fn walk(v: &Value) -> Result<RawCanary, ConfigError> {
         percent: o.req("percent", float),
         user_id: o.or("user_id", |v| seq(v, source::walk), Vec::new),
         route_header: o.or("route_header", string, default_route_header),
-        allow: o.or("allow", strings, Vec::new),
-        deny: o.or("deny", strings, Vec::new),
+        allow: o.or("allow", ids, IdList::default),
+        deny: o.or("deny", ids, IdList::default),
         anonymous_cookie: o.opt("anonymous_cookie", |v| {
             object(v, "RawAnonymousCookie", |o| RawAnonymousCookie {
                 name: o.req("name", string),
@@ -90,7 +92,27 @@ pub(super) fn walk(v: &Value) -> Result<RawCanary, ConfigError> {
     })
 }
 
+/// The paths of the id lists, which the JSON parser keeps out of the tree
+/// ([`crate::json::parse_lists`]): in the tree each id is a `Value` and an allocation, and
+/// the walk would clone it.
+pub(super) const ID_LISTS: &[&str] = &["canary.allow", "canary.deny"];
+
+fn ids(v: &Value) -> Walked<IdList> {
+    strings(v).map(IdList::from)
+}
+
 impl RawCanary {
+    /// Puts back the lists the parser took out of the tree (the walk saw them empty).
+    pub(super) fn put_back(&mut self, taken: crate::json::Lists) {
+        for (path, list) in taken {
+            match path {
+                "canary.allow" => self.allow = list,
+                "canary.deny" => self.deny = list,
+                _ => {}
+            }
+        }
+    }
+
     pub fn validate(self) -> Result<Canary, ConfigError> {
         if self.salt.is_empty() {
             return Err(ConfigError::new("salt", "expected a non-empty string"));
@@ -195,7 +217,7 @@ impl RawOverride {
     }
 }
 
-fn id_set(ids: Vec<String>, field: &str) -> Result<HashSet<String>, ConfigError> {
+fn id_set(ids: IdList, field: &str) -> Result<IdSet, ConfigError> {
     if let Some(i) = ids
         .iter()
         .position(|id| id.is_empty() || id.len() > MAX_VALUE_LEN)
@@ -205,7 +227,7 @@ fn id_set(ids: Vec<String>, field: &str) -> Result<HashSet<String>, ConfigError>
             format!("expected a non-empty user id of at most {MAX_VALUE_LEN} bytes"),
         ));
     }
-    Ok(ids.into_iter().collect())
+    Ok(IdSet::new(ids))
 }
 
 fn is_cookie_name(name: &str) -> bool {

@@ -113,12 +113,19 @@ impl RawConfig {
         if text.trim().is_empty() {
             return Ok(RawConfig::default());
         }
-        // The JSON syntax first (its errors say the line and column), then the shape.
-        let value = crate::json::parse(bytes).map_err(|e| ConfigError::new(e.path, e.message))?;
-        RawConfig::from_json(&value).map_err(|e| match e.path.is_empty() {
+        // The JSON syntax first (its errors say the line and column), then the shape. The id
+        // lists skip the tree: the walk sees them empty, and they are put back after it.
+        let (value, lists) = crate::json::parse_lists(bytes, canary::ID_LISTS)
+            .map_err(|e| ConfigError::new(e.path, e.message))?;
+        let mut raw = RawConfig::from_json(&value).map_err(|e| match e.path.is_empty() {
             true => ConfigError::new(".", e.message),
             false => e,
-        })
+        })?;
+        drop(value);
+        if let Some(c) = raw.canary.as_mut() {
+            c.put_back(lists);
+        }
+        Ok(raw)
     }
 }
 
@@ -242,6 +249,47 @@ mod tests {
         assert_eq!(e.path, "canary.percent", "{e}");
         let e = err(r#"{"canary": {"salt": "s", "percent": 1, "user_id": [{"header": 5}]}}"#);
         assert_eq!(e.path, "canary.user_id[0].header", "{e}");
+    }
+
+    /// The id lists skip the JSON tree; what is wrong in them is still named by index.
+    #[test]
+    fn a_bad_id_in_a_list_is_named_by_its_index() {
+        let with = |lists: &str| {
+            format!(
+                r#"{{"canary": {{"salt": "s", "percent": 1, "user_id": [{{"header": "x"}}], {lists}}}}}"#
+            )
+        };
+        let e = err(&with(r#""allow": ["a", "", "b"]"#));
+        assert_eq!(e.path, "canary.allow[1]", "{e}");
+        assert!(e.message.contains("non-empty user id"), "{e}");
+        let e = err(&with(&format!(
+            r#""deny": ["a", "{}"]"#,
+            "x".repeat(crate::source::MAX_VALUE_LEN + 1)
+        )));
+        assert_eq!(e.path, "canary.deny[1]", "{e}");
+        let e = err(&with(r#""allow": ["a", "b", 3]"#));
+        assert_eq!(
+            (e.path.as_str(), e.message.as_str()),
+            (
+                "canary.allow[2]",
+                "invalid type: integer `3`, expected a string"
+            )
+        );
+        let e = err(&with(r#""deny": "a""#));
+        assert_eq!(
+            (e.path.as_str(), e.message.as_str()),
+            (
+                "canary.deny",
+                "invalid type: string \"a\", expected a sequence"
+            )
+        );
+        let c = Config::parse(with(r#""allow": ["a", "b", "a"], "deny": ["b"]"#).as_bytes())
+            .unwrap()
+            .canary
+            .unwrap();
+        assert_eq!((c.allow.len(), c.deny.len()), (2, 1));
+        assert!(c.allow.contains("a") && c.allow.contains("b") && !c.allow.contains("c"));
+        assert!(c.deny.contains("b") && !c.deny.contains("a"));
     }
 
     #[test]
