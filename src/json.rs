@@ -154,7 +154,6 @@ impl<'de> Visitor<'de> for Strict<'_> {
             }
         }
         if let (Some(list), true) = (list, items.is_empty()) {
-            ids.shrink_to_fit();
             self.shared.taken.borrow_mut().push((list, ids));
         }
         Ok(Value::Array(items))

@@ -95,7 +95,9 @@ pub(super) fn walk(v: &Value) -> Result<RawCanary, ConfigError> {
 /// The paths of the id lists, which the JSON parser keeps out of the tree
 /// ([`crate::json::parse_lists`]): in the tree each id is a `Value` and an allocation, and
 /// the walk would clone it.
-pub(super) const ID_LISTS: &[&str] = &["canary.allow", "canary.deny"];
+pub(super) const ID_LISTS: &[&str] = &[ALLOW, DENY];
+const ALLOW: &str = "canary.allow";
+const DENY: &str = "canary.deny";
 
 fn ids(v: &Value) -> Walked<IdList> {
     strings(v).map(IdList::from)
@@ -106,8 +108,8 @@ impl RawCanary {
     pub(super) fn put_back(&mut self, taken: crate::json::Lists) {
         for (path, list) in taken {
             match path {
-                "canary.allow" => self.allow = list,
-                "canary.deny" => self.deny = list,
+                ALLOW => self.allow = list,
+                DENY => self.deny = list,
                 _ => {}
             }
         }
